@@ -1,0 +1,29 @@
+"""muonbp_jax: MuonBP (Muon with block-periodic orthogonalization) for JAX and optax."""
+
+from muonbp_jax._muonbp import MuonBPState
+from muonbp_jax._muonbp import default_muon_labels
+from muonbp_jax._muonbp import is_full_step
+from muonbp_jax._muonbp import muonbp
+from muonbp_jax._muonbp import scale_by_muonbp
+from muonbp_jax._muonbp import scale_by_step_learning_rate
+from muonbp_jax._newton_schulz import NS_COEFFS_PRESETS
+from muonbp_jax._newton_schulz import orthogonalize
+from muonbp_jax._sharding import FULL_STRATEGIES
+from muonbp_jax._sharding import partition_specs
+from optax.contrib import MuonDimensionNumbers
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FULL_STRATEGIES",
+    "MuonBPState",
+    "MuonDimensionNumbers",
+    "NS_COEFFS_PRESETS",
+    "default_muon_labels",
+    "is_full_step",
+    "muonbp",
+    "orthogonalize",
+    "partition_specs",
+    "scale_by_muonbp",
+    "scale_by_step_learning_rate",
+]

@@ -1,0 +1,379 @@
+"""MuonBP: Muon with block-periodic orthogonalization, as optax transformations.
+
+One update, as in the paper (Khaled et al. 2025, arXiv 2510.16981):
+
+    momentum  →  orthogonalize (full if t % period == 0, else per device block)
+              →  scale by the shape of what was orthogonalized
+              →  weight decay  →  step size (full or block learning rate)
+
+The step kind is decided in one place, `is_full_step`. All mesh machinery lives in
+`muonbp_jax._sharding`; the Newton–Schulz math in `muonbp_jax._newton_schulz`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from typing import Any, Callable, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from optax.contrib import MuonDimensionNumbers
+
+from muonbp_jax import _sharding
+from muonbp_jax._newton_schulz import Coeffs, Preconditioning, coefficient_schedule, orthogonalize
+
+DEFAULT_NS_STEPS = 5
+DEFAULT_PERIOD = 5
+Period = int | None
+
+
+class MuonBPState(NamedTuple):
+    """State of `scale_by_muonbp`."""
+
+    count: jax.Array  # int32 scalar: number of updates so far (t of the next update)
+    mu: optax.Updates  # momentum, sharded like the parameters
+
+
+def _check_period(period: Any) -> None:
+    if period is None or isinstance(period, jax.core.Tracer):
+        return
+    value = np.asarray(period)
+    if isinstance(period, bool) or value.shape != () or not np.issubdtype(value.dtype, np.integer):
+        raise ValueError(f"period must be an int >= 1 or None (never a full step), got {period!r}.")
+    if int(value) < 1:
+        raise ValueError(
+            f"period must be >= 1 (1 is Muon) or None (BlockMuon, never a full step), got "
+            f"{int(value)}."
+        )
+
+
+def is_full_step(count: jax.Array, period: Period) -> jax.Array | bool:
+    """Whether the update with 0-based index `count` orthogonalizes whole matrices.
+
+    The only place where the step kind is decided: full iff `count % period == 0`, so the first
+    update is full; never for `period=None`; always for `period=1`.
+    """
+    if period is None:
+        return False
+    if not isinstance(period, jax.core.Tracer) and int(period) == 1:
+        return True
+    return jnp.asarray(count) % period == 0
+
+
+def shape_scale(rows: int, cols: int, consistent_rms: Any) -> jax.Array:
+    """Update multiplier for an orthogonalized rows×cols matrix (rows = fan-in).
+
+    `consistent_rms·sqrt(max(rows, cols))` gives every matrix update RMS ≈ consistent_rms
+    (Liu et al. 2025, arXiv 2502.16982); `None` gives optax's width rule
+    `sqrt(max(1, cols/rows))`.
+    """
+    if consistent_rms is None:
+        return jnp.asarray(math.sqrt(max(1.0, cols / rows)), jnp.float32)
+    return jnp.asarray(consistent_rms, jnp.float32) * math.sqrt(max(rows, cols))
+
+
+def _static_ns_steps(ns_steps: Any) -> int:
+    if ns_steps is None:
+        return DEFAULT_NS_STEPS
+    if isinstance(ns_steps, jax.core.Tracer):
+        raise TypeError(
+            "ns_steps is traced (optax.inject_hyperparams turns ints into arrays); keep it "
+            "static with optax.inject_hyperparams(muonbp, static_args=('ns_steps',))."
+        )
+    return int(ns_steps)
+
+
+def scale_by_muonbp(
+    ns_coeffs: Coeffs = "jordan",
+    ns_steps: int | None = None,
+    beta: float = 0.95,
+    eps: float = 1e-8,
+    mu_dtype: Any = None,
+    *,
+    period: Period = DEFAULT_PERIOD,
+    nesterov: bool = True,
+    adaptive: bool = False,
+    preconditioning: Preconditioning = "frobenius",
+    consistent_rms: float | None = 0.2,
+    ns_dtype: Any = jnp.bfloat16,
+    weight_dimension_numbers: Any = None,
+    specs: Any = None,
+    mesh: Any = None,
+    block_grid: Any = None,
+    full_strategy: str = "gather",
+) -> optax.GradientTransformation:
+    """Momentum, block-periodic orthogonalization and shape scaling (no learning rate).
+
+    Every leaf it sees is a matrix leaf (use `muonbp` for routing other leaves to AdamW).
+
+    Args:
+      ns_coeffs: Newton–Schulz coefficients: a preset (`"jordan"`, `"polar_express"`,
+        `"dion"`, `"standard"`), one (a, b, c) triple, or a (steps, 3) table.
+      ns_steps: Newton–Schulz iterations (default 5); static.
+      beta: momentum decay (EMA with bias correction, as in optax).
+      eps: added to the Newton–Schulz normalizer.
+      mu_dtype: dtype of the momentum (e.g. `jnp.bfloat16` halves its memory).
+      period: the update with 0-based index t is a full step iff `t % period == 0`; `1` is
+        Muon, `None` never takes a full step (BlockMuon).
+      nesterov: Nesterov momentum, as in optax.
+      adaptive: scale each update by ⟨momentum, orthogonalized momentum⟩ (Bernstein et al.).
+      preconditioning: `"frobenius"`, `"spectral"`, `"aol"` or `"schatten"`, as in optax.
+      consistent_rms: RMS matching factor; `None` uses optax's width rule.
+      ns_dtype: dtype of the Newton–Schulz matmuls (normalization is in float32).
+      weight_dimension_numbers: `MuonDimensionNumbers`, a tree of them (matched by key path) or
+        a callable updates -> tree; default: 2-D (reduction=0, output=1).
+      specs: PartitionSpec per leaf, as a tree matched by key path (flax's `.value` ignored) or
+        a callable params -> tree. Default: read from the leaf types (Explicit meshes).
+      mesh: the mesh the specs refer to (default: the leaf types' or the context mesh).
+      block_grid: `(r, c)`, or a tree/callable of them: split each device-local block into
+        r×c tiles orthogonalized independently on block steps.
+      full_strategy: how full steps orthogonalize sharded matrices; one of
+        `muonbp_jax.FULL_STRATEGIES`.
+
+    Returns:
+      An `optax.GradientTransformation` with state `MuonBPState`.
+
+    References:
+      Khaled et al., `MuonBP: Faster Muon via Block-Periodic Orthogonalization
+      <https://arxiv.org/abs/2510.16981>`_, 2025
+    """
+    _check_period(period)
+    if full_strategy not in _sharding.FULL_STRATEGIES:
+        raise ValueError(
+            f"full_strategy must be one of {_sharding.FULL_STRATEGIES}, got {full_strategy!r}."
+        )
+    mu_dtype = jax.dtypes.canonicalize_dtype(mu_dtype) if mu_dtype is not None else None
+    plan = functools.partial(
+        _sharding.plan,
+        specs=specs,
+        mesh=mesh,
+        dimension_numbers=weight_dimension_numbers,
+        block_grid=block_grid,
+    )
+
+    def init_fn(params):
+        steps = _static_ns_steps(ns_steps)
+        coefficient_schedule(ns_coeffs, steps)  # validate early
+        if preconditioning not in ("frobenius", "spectral", "aol", "schatten"):
+            raise ValueError(f"Unknown preconditioning {preconditioning!r}.")
+        the_mesh, layouts = plan(params)
+        mu = optax.tree.zeros_like(params, dtype=mu_dtype)
+        return MuonBPState(
+            count=jnp.zeros([], jnp.int32), mu=_sharding.place_like(mu, the_mesh, layouts)
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        mu = optax.tree.update_moment(updates, state.mu, beta, 1)
+        count_inc = optax.safe_increment(state.count)
+        if nesterov:
+            mu_hat = jax.tree.map(
+                lambda m, g: beta * m + (1 - beta) * g,
+                optax.tree.bias_correction(mu, beta, optax.safe_increment(count_inc)),
+                optax.tree.bias_correction(updates, beta, count_inc),
+            )
+        else:
+            mu_hat = optax.tree.bias_correction(mu, beta, count_inc)
+
+        the_mesh, layouts = plan(mu_hat)
+        orth = functools.partial(
+            orthogonalize,
+            ns_coeffs=ns_coeffs,
+            ns_steps=_static_ns_steps(ns_steps),
+            eps=eps,
+            preconditioning=preconditioning,
+            dtype=ns_dtype,
+        )
+        leaves, treedef = jax.tree.flatten(mu_hat)
+
+        def step(kind):
+            def run(xs):
+                outs, shapes = kind(xs, layouts, the_mesh, orth)
+                return outs, [shape_scale(r, c, consistent_rms) for r, c in shapes]
+
+            return run
+
+        full = step(functools.partial(_sharding.full_step, strategy=full_strategy))
+        block = step(_sharding.block_step)
+        is_full = is_full_step(state.count, period)
+        if isinstance(is_full, bool):
+            orthogonal, scales = (full if is_full else block)(leaves)
+        else:
+            orthogonal, scales = jax.lax.cond(is_full, full, block, leaves)
+
+        if adaptive:
+            orthogonal = [jnp.sum(m * o) * o for m, o in zip(leaves, orthogonal)]
+        new_updates = [(o * s).astype(o.dtype) for o, s in zip(orthogonal, scales)]
+        return jax.tree.unflatten(treedef, new_updates), MuonBPState(
+            count=count_inc, mu=optax.tree.cast(mu, mu_dtype)
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class ScaleByStepLearningRateState(NamedTuple):
+    count: jax.Array  # int32 scalar
+
+
+def scale_by_step_learning_rate(
+    learning_rate: optax.ScalarOrSchedule,
+    block_learning_rate: optax.ScalarOrSchedule | None = None,
+    *,
+    period: Period = DEFAULT_PERIOD,
+) -> optax.GradientTransformation:
+    """Multiplies updates by −learning_rate on full steps and −block_learning_rate on block
+    steps (schedules are evaluated at the update's 0-based index)."""
+    _check_period(period)
+    if block_learning_rate is None:
+        block_learning_rate = learning_rate
+
+    def value(rate, count):
+        return rate(count) if callable(rate) else rate
+
+    def init_fn(params):
+        del params
+        return ScaleByStepLearningRateState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None):
+        del params
+        full = is_full_step(state.count, period)
+        rate = jnp.where(
+            full, value(learning_rate, state.count), value(block_learning_rate, state.count)
+        )
+        updates = jax.tree.map(lambda u: (-rate * u).astype(u.dtype), updates)
+        return updates, ScaleByStepLearningRateState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# Key-path components that mark an embedding or an output head (kept on AdamW by default).
+_ADAM_BY_NAME = re.compile(r"(embed|^wte$|^wpe$|head$|^logits$)", re.IGNORECASE)
+
+
+def default_muon_labels(params: Any) -> Any:
+    """The default routing rule: 'muon' for 2-D leaves whose key path has no component that
+    contains 'embed' or ends with 'head' (also 'wte', 'wpe', 'logits'); 'adam' otherwise."""
+
+    def label(path, x):
+        names = _sharding.path_names(path)
+        if jnp.ndim(x) == 2 and not any(_ADAM_BY_NAME.search(n) for n in names):
+            return "muon"
+        return "adam"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def muonbp(
+    learning_rate: optax.ScalarOrSchedule,
+    ns_coeffs: Coeffs = "jordan",
+    ns_steps: int | None = None,
+    beta: float = 0.95,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+    mu_dtype: Any = None,
+    *,
+    period: Period = DEFAULT_PERIOD,
+    block_learning_rate: optax.ScalarOrSchedule | None = None,
+    nesterov: bool = True,
+    adaptive: bool = False,
+    preconditioning: Preconditioning = "frobenius",
+    adam_b1: float = 0.9,
+    adam_b2: float = 0.999,
+    adam_eps_root: float = 0.0,
+    adam_weight_decay: float = 0.0,
+    adam_learning_rate: optax.ScalarOrSchedule | None = None,
+    muon_weight_dimension_numbers: Any = None,
+    consistent_rms: float | None = 0.2,
+    ns_dtype: Any = jnp.bfloat16,
+    specs: Any = None,
+    mesh: Any = None,
+    block_grid: Any = None,
+    full_strategy: str = "gather",
+) -> optax.GradientTransformation:
+    """MuonBP: Muon with block-periodic orthogonalization, AdamW for the other parameters.
+
+    Takes every keyword of `optax.contrib.muon` with the same meaning; with `period=1`,
+    `ns_dtype=jnp.float32` and the same routing and `consistent_rms` it gives optax's updates.
+    Defaults that differ from optax: `consistent_rms=0.2` (RMS matching, as in the paper),
+    `ns_dtype=bfloat16`, and embeddings/output heads go to AdamW (`default_muon_labels`).
+
+    Args:
+      learning_rate: step size of full steps (and of AdamW unless `adam_learning_rate`).
+      period: full step iff `t % period == 0` (t = 0-based update index); 1 is Muon, None is
+        BlockMuon (never a full step).
+      block_learning_rate: step size of block steps (default: `learning_rate`).
+      muon_weight_dimension_numbers: as in optax: a tree (or prefix tree, or callable) of
+        `MuonDimensionNumbers`, None marking AdamW leaves; overrides the default routing.
+      specs, mesh, block_grid, full_strategy, ns_dtype, ns_coeffs, ...: see
+        `scale_by_muonbp`. Other arguments as in `optax.contrib.muon`.
+
+    Returns:
+      An `optax.GradientTransformation`.
+
+    References:
+      Khaled et al., `MuonBP: Faster Muon via Block-Periodic Orthogonalization
+      <https://arxiv.org/abs/2510.16981>`_, 2025
+    """
+    _check_period(period)
+    if adam_learning_rate is None:
+        adam_learning_rate = learning_rate
+    is_dim = lambda x: isinstance(x, MuonDimensionNumbers)
+
+    if muon_weight_dimension_numbers is None:
+        param_labels = default_muon_labels
+    else:
+
+        def param_labels(params):
+            dims = _sharding.per_leaf(
+                muon_weight_dimension_numbers, params, name="muon_weight_dimension_numbers",
+                is_value=is_dim,
+            )
+            _, _, treedef = _sharding.leaves_with_paths(params)
+            return jax.tree.unflatten(treedef, ["adam" if d is None else "muon" for d in dims])
+
+    muon_branch = optax.chain(
+        scale_by_muonbp(
+            ns_coeffs=ns_coeffs,
+            ns_steps=ns_steps,
+            beta=beta,
+            eps=eps,
+            mu_dtype=mu_dtype,
+            period=period,
+            nesterov=nesterov,
+            adaptive=adaptive,
+            preconditioning=preconditioning,
+            consistent_rms=consistent_rms,
+            ns_dtype=ns_dtype,
+            weight_dimension_numbers=muon_weight_dimension_numbers,
+            specs=specs,
+            mesh=mesh,
+            block_grid=block_grid,
+            full_strategy=full_strategy,
+        ),
+        optax.add_decayed_weights(weight_decay, weight_decay_mask),
+        scale_by_step_learning_rate(learning_rate, block_learning_rate, period=period),
+    )
+    adam_branch = optax.adamw(
+        learning_rate=adam_learning_rate,
+        b1=adam_b1,
+        b2=adam_b2,
+        eps=eps,
+        eps_root=adam_eps_root,
+        weight_decay=adam_weight_decay,
+        mu_dtype=mu_dtype,
+        nesterov=nesterov,
+    )
+    inner = optax.partition({"muon": muon_branch, "adam": adam_branch}, param_labels)
+
+    def init_fn(params):
+        is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
+        _sharding.check_paths_cover(specs, params, name="specs", is_value=is_spec)
+        state = inner.init(params)
+        return _sharding.place_state_like_params(state, params, specs, mesh)
+
+    return optax.GradientTransformation(init_fn, inner.update)

@@ -1,0 +1,183 @@
+"""Newton–Schulz orthogonalization: the math, with no knowledge of meshes.
+
+`orthogonalize` maps a batch of matrices X (last two axes) to an approximation of U·Vᵀ, where
+X = U·S·Vᵀ is the reduced SVD. The block step, the full step and single-device use all call it
+unchanged; only what they feed it differs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Coeffs = Union[str, Sequence[float], Sequence[Sequence[float]], np.ndarray, jax.Array]
+Preconditioning = Literal["frobenius", "spectral", "aol", "schatten"]
+
+# Keller Jordan's quintic coefficients (modded-nanogpt, 2024), repeated every step.
+_JORDAN = (3.4445, -4.7750, 2.0315)
+
+# Per-step coefficients of the degree-5 Polar Express (Amsel et al. 2025, arXiv 2505.16932,
+# Algorithm 1). The paper divides (a, b, c) by (s, s³, s⁵) with safety factor s = 1.01 on every
+# step but the last (fixed-point) one, so that bf16 rounding cannot push a singular value past the
+# polynomial's stable range; we do the same.
+_POLAR_EXPRESS_RAW = (
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+)
+POLAR_EXPRESS_SAFETY = 1.01
+_POLAR_EXPRESS = tuple(
+    (a / POLAR_EXPRESS_SAFETY, b / POLAR_EXPRESS_SAFETY**3, c / POLAR_EXPRESS_SAFETY**5)
+    for a, b, c in _POLAR_EXPRESS_RAW
+) + ((1.875, -1.25, 0.375),)
+
+# Per-step coefficients used by Dion (Ahn et al. 2025), as shipped by optax under "dion".
+_DION = (
+    (4.0848, -6.8946, 2.9270),
+    (3.9505, -6.3029, 2.6377),
+    (3.7418, -5.5913, 2.3037),
+    (2.8769, -3.1427, 1.2046),
+    (2.8366, -3.0525, 1.2012),
+)
+
+NS_COEFFS_PRESETS: dict[str, tuple] = {
+    "jordan": _JORDAN,
+    "standard": _JORDAN,  # optax's name for the same preset
+    "polar_express": _POLAR_EXPRESS,
+    "dion": _DION,
+}
+PRECONDITIONINGS = ("frobenius", "spectral", "aol", "schatten")
+
+
+def coefficient_schedule(ns_coeffs: Coeffs, ns_steps: int) -> np.ndarray:
+    """Returns the (steps, 3) float64 table of (a, b, c) used at each iteration.
+
+    A single (a, b, c) triple is repeated `ns_steps` times. A per-step table is used as given
+    when it has at most `ns_steps` rows (optax's rule), and truncated to its first `ns_steps`
+    rows when it has more (so `"polar_express"` with `ns_steps=5` runs its first five steps).
+    """
+    if isinstance(ns_coeffs, str):
+        if ns_coeffs not in NS_COEFFS_PRESETS:
+            raise ValueError(
+                f"Unknown ns_coeffs preset {ns_coeffs!r}; choose one of "
+                f"{sorted(NS_COEFFS_PRESETS)} or pass (a, b, c) or a per-step table."
+            )
+        ns_coeffs = NS_COEFFS_PRESETS[ns_coeffs]
+    table = np.asarray(ns_coeffs, dtype=np.float64)
+    if table.ndim not in (1, 2) or table.shape[-1] != 3:
+        raise ValueError(f"ns_coeffs must have shape (3,) or (steps, 3), got {table.shape}.")
+    if int(ns_steps) < 1:
+        raise ValueError(f"ns_steps must be >= 1, got {ns_steps}.")
+    if table.ndim == 1:
+        return np.tile(table, (int(ns_steps), 1))
+    return table[: int(ns_steps)]
+
+
+def _newton_schulz_step(x: jax.Array, a: float, b: float, c: float) -> jax.Array:
+    # Quintic step X ← aX + (bA + cA²)X with A = XXᵀ, for X of shape (..., m, n), m ≤ n.
+    gram = x @ jnp.swapaxes(x, -1, -2)
+    return a * x + (b * gram + c * gram @ gram) @ x
+
+
+def _precondition(x: jax.Array, preconditioning: str, eps: float) -> jax.Array:
+    """Scales x (float32) so that its spectral norm is at most 1."""
+    if preconditioning == "frobenius":
+        norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True))
+        return x / (norm + eps)
+    if preconditioning == "spectral":
+        norm = jnp.linalg.norm(x, ord=2, axis=(-2, -1), keepdims=True)
+        return x / (norm + eps)
+    if preconditioning == "aol":
+        # Almost-orthogonal-layer rescaling (Boissin et al. 2025, arXiv 2512.04632): scale row i
+        # by 1/sqrt(Σ_j |XXᵀ|_ij), which bounds the spectral norm by 1.
+        gram = x @ jnp.swapaxes(x, -1, -2)
+        rows = jnp.maximum(jnp.sum(jnp.abs(gram), axis=-1, keepdims=True), eps)
+        return x * jax.lax.rsqrt(rows)
+    if preconditioning == "schatten":
+        # Schatten-4 norm ‖XXᵀ‖_F^(1/2) ≥ ‖X‖₂ (Grishina et al. 2025, arXiv 2506.10935).
+        gram = x @ jnp.swapaxes(x, -1, -2)
+        norm = jnp.sqrt(jnp.sum(jnp.square(gram), axis=(-2, -1), keepdims=True))
+        return x * jax.lax.rsqrt(jnp.maximum(norm, eps))
+    raise ValueError(f"Unknown preconditioning {preconditioning!r}; use one of {PRECONDITIONINGS}.")
+
+
+def orthogonalize(
+    x: jax.Array,
+    ns_coeffs: Coeffs = "jordan",
+    ns_steps: int = 5,
+    *,
+    eps: float = 1e-8,
+    preconditioning: Preconditioning = "frobenius",
+    dtype: jnp.dtype | None = jnp.bfloat16,
+) -> jax.Array:
+    """Approximately orthogonalizes the last two axes of `x` by Newton–Schulz iterations.
+
+    Leading axes are batch axes: each matrix is treated independently, in one batched call.
+    The input is normalized in float32, iterated in `dtype`, and returned in `x.dtype`.
+
+    Args:
+      x: array of shape (..., m, n).
+      ns_coeffs: a preset name (`"jordan"`/`"standard"`, `"polar_express"`, `"dion"`), one
+        (a, b, c) triple used at every step, or a (steps, 3) table of per-step triples.
+      ns_steps: number of iterations (see `coefficient_schedule` for per-step tables).
+      eps: added to the normalizer so that a zero matrix maps to zero.
+      preconditioning: how X is scaled below spectral norm 1 before iterating, as in optax.
+      dtype: dtype of the matmuls (None: float32).
+
+    Returns:
+      An array like `x` whose matrices have singular values near 1 (in [0.7, 1.2] for the
+      Jordan coefficients, by design) and the singular vectors of `x`.
+    """
+    if x.ndim < 2:
+        raise ValueError(f"orthogonalize needs an array of rank >= 2, got shape {x.shape}.")
+    schedule = coefficient_schedule(ns_coeffs, ns_steps)
+    compute_dtype = jnp.float32 if dtype is None else dtype
+    transposed = x.shape[-2] > x.shape[-1]
+    y = jnp.swapaxes(x, -1, -2) if transposed else x
+    y = _precondition(y.astype(jnp.float32), preconditioning, eps)
+    y = y.astype(compute_dtype)
+    if len(set(map(tuple, schedule))) == 1:
+        a, b, c = (float(v) for v in schedule[0])
+        y = jax.lax.fori_loop(
+            0, len(schedule), lambda _, z: _newton_schulz_step(z, a, b, c), y, unroll=True
+        )
+    else:
+        for a, b, c in schedule:
+            y = _newton_schulz_step(y, float(a), float(b), float(c))
+    if transposed:
+        y = jnp.swapaxes(y, -1, -2)
+    return y.astype(x.dtype)
+
+
+def orthogonalize_many(
+    matrices: Sequence[jax.Array], orth: Callable[[jax.Array], jax.Array]
+) -> list[jax.Array]:
+    """Applies `orth` to a list of (batch, m, n) arrays, one batched call per matrix shape.
+
+    Matrices are put in wide form (m ≤ n) first, so an m×n and an n×m share a call.
+    """
+    wide = [jnp.swapaxes(m, -1, -2) if m.shape[-2] > m.shape[-1] else m for m in matrices]
+    groups: dict[tuple[int, int, jnp.dtype], list[int]] = {}
+    for i, m in enumerate(wide):
+        groups.setdefault((*m.shape[-2:], m.dtype), []).append(i)
+    out: list[jax.Array | None] = [None] * len(wide)
+    for members in groups.values():
+        stacked = jnp.concatenate([wide[i] for i in members]) if len(members) > 1 else wide[members[0]]
+        result = orth(stacked)
+        offset = 0
+        for i in members:
+            n = wide[i].shape[0]
+            out[i] = result[offset : offset + n]
+            offset += n
+    return [
+        jnp.swapaxes(o, -1, -2) if m.shape[-2] > m.shape[-1] else o
+        for o, m in zip(out, matrices)
+    ]

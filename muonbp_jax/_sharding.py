@@ -1,0 +1,503 @@
+"""Everything muonbp_jax knows about meshes: per-leaf layouts, local tiles, `shard_map`,
+collectives and the strategies for full steps.
+
+A *layout* says, for one matrix leaf, which axes form the matrix (optax's
+`MuonDimensionNumbers`), how the leaf is split across the mesh (its `PartitionSpec`) and how each
+device-local block is split further (`block_grid`). From it:
+
+* `block_step` orthogonalizes every device-local tile on its own (no communication);
+* `full_step` orthogonalizes whole matrices and hands each device back its own part.
+
+Both return, per leaf, the (rows, cols) of the matrices that were orthogonalized, so the caller
+can scale each update by the shape of what was orthogonalized.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from optax.contrib import MuonDimensionNumbers
+
+from muonbp_jax._newton_schulz import orthogonalize_many
+
+P = PartitionSpec
+Mesh = jax.sharding.Mesh | jax.sharding.AbstractMesh
+Path = tuple[str, ...]
+Grid = tuple[int, int]
+
+FULL_STRATEGIES = ("gather",)
+
+_SPECS_HELP = (
+    "Pass specs= (a tree of PartitionSpec matched to the parameters by key path, or a callable "
+    "params -> such a tree). Get it from your model with nnx.get_partition_spec(nnx.state(model))"
+    " (flax nnx), nn.get_partition_spec(variables) (flax linen) or "
+    "muonbp_jax.partition_specs(params) (concrete jax.Arrays); or build the mesh with "
+    "jax.make_mesh(..., axis_types=(AxisType.Explicit, ...)) so shardings are part of the types."
+)
+
+
+# ----------------------------------------------------------------------------- key paths
+
+
+def path_names(path: Sequence[Any]) -> Path:
+    """A key path as plain names; flax's trailing `.value` is dropped, so a spec tree read from
+    `nnx.Param` nodes matches the plain arrays `nnx.Optimizer.update` passes in."""
+    names = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                names.append(str(getattr(key, attr)))
+                break
+        else:
+            names.append(str(key))
+    while names and names[-1] == "value":
+        names.pop()
+    return tuple(names)
+
+
+def path_str(path: Path) -> str:
+    return "/".join(path) or "<root>"
+
+
+def leaves_with_paths(tree: Any) -> tuple[list[Path], list[Any], Any]:
+    """Flattens `tree` (flax Variables are looked through) into paths, leaves and treedef."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    return [path_names(p) for p, _ in flat], [x for _, x in flat], treedef
+
+
+def per_leaf(
+    option: Any,
+    tree: Any,
+    *,
+    name: str,
+    is_value: Callable[[Any], bool],
+    default: Any = None,
+    required: bool = False,
+) -> list[Any]:
+    """Resolves a per-leaf option for every leaf of `tree`, by key path.
+
+    `option` is one value for all leaves, a callable tree -> option tree, or a tree (or prefix
+    of a tree) of values whose leaves are found by `is_value`; a leaf takes the value at the
+    longest matching prefix of its path. Without a match the leaf gets `default`, or, if
+    `required`, a ValueError names the leaf.
+    """
+    paths, _, _ = leaves_with_paths(tree)
+    if option is None or is_value(option):
+        return [default if option is None else option for _ in paths]
+    if callable(option):
+        option = option(tree)
+        if option is None or is_value(option):
+            return [default if option is None else option for _ in paths]
+    flat, _ = jax.tree_util.tree_flatten_with_path(
+        option, is_leaf=lambda x: x is None or is_value(x)
+    )
+    table: dict[Path, Any] = {}
+    for p, v in flat:
+        if v is not None and not is_value(v):
+            raise TypeError(f"{name}: entry {path_str(path_names(p))!r} is {v!r}, not a {name}.")
+        table[path_names(p)] = v
+    values = []
+    for path in paths:
+        for k in range(len(path), -1, -1):
+            if path[:k] in table:
+                values.append(table[path[:k]])
+                break
+        else:
+            if required:
+                known = ", ".join(sorted(map(path_str, table))[:8])
+                raise ValueError(
+                    f"{name} has no entry for parameter {path_str(path)!r} (entries: {known}"
+                    f"{', ...' if len(table) > 8 else ''}). The {name} tree must follow the "
+                    "parameter tree's key paths."
+                )
+            values.append(default)
+    return values
+
+
+def check_paths_cover(option: Any, params: Any, *, name: str, is_value) -> None:
+    """Raises if a tree-valued option names a path that matches no parameter (a typo)."""
+    if option is None or is_value(option) or callable(option):
+        return
+    param_paths = set(leaves_with_paths(params)[0])
+    prefixes = {p[:k] for p in param_paths for k in range(len(p) + 1)}
+    flat, _ = jax.tree_util.tree_flatten_with_path(
+        option, is_leaf=lambda x: x is None or is_value(x)
+    )
+    for p, _ in flat:
+        path = path_names(p)
+        if path not in prefixes:
+            raise ValueError(
+                f"{name} has an entry {path_str(path)!r} that matches no parameter; parameter "
+                f"paths look like {path_str(sorted(param_paths)[0])!r}."
+            )
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How one leaf becomes matrices and tiles (all static)."""
+
+    path: Path
+    shape: tuple[int, ...]  # global shape
+    batch_axes: tuple[int, ...]
+    reduction_axes: tuple[int, ...]
+    output_axes: tuple[int, ...]
+    spec: tuple[Any, ...] | None  # one entry per axis; None: not on a mesh
+    grid: Grid
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        return (
+            math.prod(self.shape[a] for a in self.reduction_axes),
+            math.prod(self.shape[a] for a in self.output_axes),
+        )
+
+    def local_shape(self, mesh: Mesh | None) -> tuple[int, ...]:
+        if self.spec is None:
+            return self.shape
+        return tuple(n // _axes_size(mesh, e) for n, e in zip(self.shape, self.spec))
+
+    def block_shape(self, mesh: Mesh | None) -> tuple[int, int]:
+        local = self.local_shape(mesh)
+        rows = math.prod(local[a] for a in self.reduction_axes)
+        cols = math.prod(local[a] for a in self.output_axes)
+        return rows // self.grid[0], cols // self.grid[1]
+
+
+def _entry_axes(entry: Any) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+
+def _axes_size(mesh: Mesh | None, entry: Any) -> int:
+    return math.prod(mesh.shape[a] for a in _entry_axes(entry)) if mesh is not None else 1
+
+
+def _normalize_axes(axes: int | Sequence[int], ndim: int) -> tuple[int, ...]:
+    axes = (axes,) if isinstance(axes, int) else tuple(axes)
+    return tuple(a % ndim for a in axes)
+
+
+def _type_sharding(x: Any) -> tuple[Mesh, tuple[Any, ...]] | None:
+    """The (mesh, spec) carried by x's type in Explicit mode, else None."""
+    try:
+        sharding = jax.typeof(x).sharding
+    except (AttributeError, TypeError):
+        return None
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty or mesh.size == 1:
+        return None
+    if not all(t == AxisType.Explicit for t in mesh.axis_types):
+        return None
+    return mesh, tuple(sharding.spec)
+
+
+def _concrete_sharding_is_split(x: Any) -> bool:
+    """True for a concrete array laid out over several devices without being replicated."""
+    if isinstance(x, jax.core.Tracer) or not isinstance(x, jax.Array):
+        return False
+    sharding = x.sharding
+    return len(sharding.device_set) > 1 and not sharding.is_fully_replicated
+
+
+def _context_mesh() -> Mesh | None:
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh
+
+
+def plan(
+    tree: Any,
+    *,
+    specs: Any,
+    mesh: Mesh | None,
+    dimension_numbers: Any,
+    block_grid: Any,
+) -> tuple[Mesh | None, list[Layout]]:
+    """Builds the layout of every leaf of `tree` (the matrix leaves of the model).
+
+    Spec resolution order: `specs=` (matched by key path), else the leaf's type in Explicit
+    mode, else the leaf is treated as unsharded; a concrete leaf that is in fact split over
+    several devices raises a ValueError instead.
+    """
+    paths, leaves, _ = leaves_with_paths(tree)
+    is_spec = lambda x: isinstance(x, PartitionSpec)
+    user_specs = per_leaf(specs, tree, name="specs", is_value=is_spec, required=True)
+    dims = per_leaf(
+        dimension_numbers,
+        tree,
+        name="weight_dimension_numbers",
+        is_value=lambda x: isinstance(x, MuonDimensionNumbers),
+        default=MuonDimensionNumbers(),
+    )
+    grids = per_leaf(
+        block_grid,
+        tree,
+        name="block_grid",
+        is_value=lambda x: isinstance(x, tuple) and len(x) == 2 and all(
+            isinstance(v, int) for v in x
+        ),
+        default=(1, 1),
+    )
+    if specs is None:
+        user_specs = [None] * len(leaves)
+
+    meshes: set[Mesh] = set()
+    resolved: list[tuple[Any, ...] | None] = []
+    for path, x, spec in zip(paths, leaves, user_specs):
+        typed = _type_sharding(x)
+        if spec is not None:
+            resolved.append(tuple(spec))
+            leaf_mesh = mesh or (typed[0] if typed else None) or _context_mesh()
+            if leaf_mesh is None and any(e is not None for e in spec):
+                raise ValueError(
+                    f"specs gives {path_str(path)!r} the sharding {spec} but no mesh is known: "
+                    "pass mesh= or call the optimizer inside `with jax.set_mesh(mesh):`."
+                )
+            if leaf_mesh is not None:
+                meshes.add(leaf_mesh)
+        elif typed is not None:
+            resolved.append(typed[1])
+            meshes.add(mesh or typed[0])
+        else:
+            if _concrete_sharding_is_split(x):
+                raise ValueError(
+                    f"Parameter {path_str(path)!r} is sharded as {x.sharding.spec} over "
+                    f"{len(x.sharding.device_set)} devices, but its PartitionSpec cannot be "
+                    "read inside jit on a mesh with Auto axes. " + _SPECS_HELP
+                )
+            resolved.append(None)
+    if len(meshes) > 1:
+        raise ValueError(
+            f"Matrix parameters live on {len(meshes)} different meshes; muonbp_jax needs one "
+            "mesh for all of them (pass mesh=)."
+        )
+    the_mesh = next(iter(meshes)) if meshes else None
+
+    layouts = []
+    for path, x, spec, dim, grid in zip(paths, leaves, resolved, dims, grids):
+        layouts.append(_layout(path, tuple(x.shape), dim, spec, grid, the_mesh))
+    return the_mesh, layouts
+
+
+def _layout(path, shape, dim, spec, grid, mesh) -> Layout:
+    where = path_str(path)
+    ndim = len(shape)
+    if ndim < 2:
+        raise ValueError(
+            f"Parameter {where!r} has shape {shape}: Muon needs matrices (rank >= 2). Route it "
+            "to AdamW with muon_weight_dimension_numbers=None for that leaf."
+        )
+    reduction = _normalize_axes(dim.reduction_axis, ndim)
+    output = _normalize_axes(dim.output_axis, ndim)
+    if set(reduction) & set(output) or not reduction or not output:
+        raise ValueError(f"{where!r}: dimension numbers {dim} must name disjoint, non-empty axes.")
+    batch = tuple(a for a in range(ndim) if a not in reduction + output)
+    if not (isinstance(grid, tuple) and len(grid) == 2 and min(grid) >= 1):
+        raise ValueError(f"block_grid for {where!r} must be a pair of ints >= 1, got {grid!r}.")
+    if spec is not None:
+        if len(spec) > ndim:
+            raise ValueError(f"PartitionSpec {P(*spec)} for {where!r} has more entries than "
+                             f"the parameter's rank {ndim} (shape {shape}).")
+        spec = tuple(spec) + (None,) * (ndim - len(spec))
+        for axis, (size, entry) in enumerate(zip(shape, spec)):
+            for name in _entry_axes(entry):
+                if name not in mesh.axis_names:
+                    raise ValueError(
+                        f"PartitionSpec {P(*spec)} for {where!r} names mesh axis {name!r}, but "
+                        f"the mesh has axes {tuple(mesh.axis_names)}."
+                    )
+            parts = _axes_size(mesh, entry)
+            if size % parts:
+                raise ValueError(
+                    f"Dimension {axis} of {where!r} (size {size}) is not divisible by mesh "
+                    f"axes {entry} of total size {parts}; pad the parameter or shard it "
+                    "differently."
+                )
+    layout = Layout(path, shape, batch, reduction, output, spec, grid)
+    local = layout.local_shape(mesh)
+    rows = math.prod(local[a] for a in reduction)
+    cols = math.prod(local[a] for a in output)
+    if rows % grid[0] or cols % grid[1]:
+        raise ValueError(
+            f"block_grid {grid} does not divide the device-local {rows}x{cols} matrices of "
+            f"{where!r}."
+        )
+    return layout
+
+
+# ----------------------------------------------------------------------------- reshapes
+
+
+def _to_matrices(x: jax.Array, lay: Layout) -> jax.Array:
+    """(..., shape) -> (batch, rows, cols), following the dimension numbers."""
+    order = lay.batch_axes + lay.reduction_axes + lay.output_axes
+    take = lambda axes: math.prod(x.shape[a] for a in axes)
+    return x.transpose(order).reshape(
+        take(lay.batch_axes), take(lay.reduction_axes), take(lay.output_axes)
+    )
+
+
+def _from_matrices(y: jax.Array, lay: Layout, shape: tuple[int, ...]) -> jax.Array:
+    order = lay.batch_axes + lay.reduction_axes + lay.output_axes
+    inverse = tuple(sorted(range(len(order)), key=order.__getitem__))
+    return y.reshape(tuple(shape[a] for a in order)).transpose(inverse)
+
+
+def _to_tiles(m: jax.Array, grid: Grid) -> jax.Array:
+    """(b, rows, cols) -> (b·r·c, rows/r, cols/c): the r×c grid of tiles of each matrix."""
+    (r, c), (b, rows, cols) = grid, m.shape
+    tiles = m.reshape(b, r, rows // r, c, cols // c).transpose(0, 1, 3, 2, 4)
+    return tiles.reshape(b * r * c, rows // r, cols // c)
+
+
+def _from_tiles(t: jax.Array, grid: Grid, rows: int, cols: int) -> jax.Array:
+    r, c = grid
+    b = t.shape[0] // (r * c)
+    return t.reshape(b, r, c, rows // r, cols // c).transpose(0, 1, 3, 2, 4).reshape(b, rows, cols)
+
+
+# ----------------------------------------------------------------------------- steps
+
+Orthogonalizer = Callable[[jax.Array], jax.Array]
+
+
+def _on_mesh(fn, mesh: Mesh | None, layouts: list[Layout], leaves: list[jax.Array]):
+    """Runs fn(leaves) per device on its local tiles (or directly, without a mesh)."""
+    if mesh is None:
+        return fn(leaves)
+    specs = [P(*lay.spec) if lay.spec is not None else P() for lay in layouts]
+    return jax.shard_map(fn, mesh=mesh, in_specs=(specs,), out_specs=specs)(leaves)
+
+
+def block_step(
+    leaves: list[jax.Array], layouts: list[Layout], mesh: Mesh | None, orth: Orthogonalizer
+) -> tuple[list[jax.Array], list[tuple[int, int]]]:
+    """Orthogonalizes each device-local block (split further by block_grid) independently."""
+
+    def local(xs):
+        tiles = [_to_tiles(_to_matrices(x, lay), lay.grid) for x, lay in zip(xs, layouts)]
+        tiles = orthogonalize_many(tiles, orth)
+        outs = []
+        for x, t, lay in zip(xs, tiles, layouts):
+            rows, cols = (t.shape[1] * lay.grid[0], t.shape[2] * lay.grid[1])
+            outs.append(_from_matrices(_from_tiles(t, lay.grid, rows, cols), lay, x.shape))
+        return outs
+
+    return _on_mesh(local, mesh, layouts, leaves), [lay.block_shape(mesh) for lay in layouts]
+
+
+def _gather(x: jax.Array, spec: tuple[Any, ...]) -> jax.Array:
+    for axis, entry in enumerate(spec):
+        if entry is not None:
+            x = jax.lax.all_gather(x, _entry_axes(entry), axis=axis, tiled=True)
+    return x
+
+
+def _local_part(x: jax.Array, spec: tuple[Any, ...], mesh: Mesh) -> jax.Array:
+    for axis, entry in enumerate(spec):
+        if entry is not None:
+            size = x.shape[axis] // _axes_size(mesh, entry)
+            index = jax.lax.axis_index(_entry_axes(entry))
+            x = jax.lax.dynamic_slice_in_dim(x, index * size, size, axis=axis)
+    return x
+
+
+def _full_step_gather(leaves, layouts, mesh, orth):
+    """The paper's full step: all-gather each matrix, orthogonalize it on every device, keep
+    the local part. Communication: one all-gather per sharded leaf."""
+
+    def local(xs):
+        whole = [_gather(x, lay.spec) if lay.spec else x for x, lay in zip(xs, layouts)]
+        mats = orthogonalize_many([_to_matrices(w, lay) for w, lay in zip(whole, layouts)], orth)
+        outs = [_from_matrices(m, lay, lay.shape) for m, lay in zip(mats, layouts)]
+        return [_local_part(o, lay.spec, mesh) if lay.spec else o for o, lay in zip(outs, layouts)]
+
+    return _on_mesh(local, mesh, layouts, leaves)
+
+
+_FULL_STEPS = {"gather": _full_step_gather}
+
+
+def full_step(
+    leaves: list[jax.Array],
+    layouts: list[Layout],
+    mesh: Mesh | None,
+    orth: Orthogonalizer,
+    strategy: str = "gather",
+) -> tuple[list[jax.Array], list[tuple[int, int]]]:
+    """Orthogonalizes every whole matrix; each device keeps its own part."""
+    if mesh is None or all(lay.spec is None for lay in layouts):
+        mats = orthogonalize_many([_to_matrices(x, lay) for x, lay in zip(leaves, layouts)], orth)
+        outs = [_from_matrices(m, lay, lay.shape) for m, lay in zip(mats, layouts)]
+    else:
+        outs = _FULL_STEPS[strategy](leaves, layouts, mesh, orth)
+    return outs, [lay.matrix_shape for lay in layouts]
+
+
+# ----------------------------------------------------------------------------- state placement
+
+
+def _sharding_for(mesh: Mesh, spec: tuple[Any, ...]):
+    if isinstance(mesh, jax.sharding.Mesh):
+        return NamedSharding(mesh, P(*spec))
+    return P(*spec)  # abstract mesh: resolved against the context mesh
+
+
+def place_like(tree: Any, mesh: Mesh | None, layouts: list[Layout]) -> Any:
+    """Constrains each leaf of `tree` (shaped like the planned leaves) to its layout's sharding,
+    so that state built under `jax.jit(tx.init)` is not left replicated."""
+    if mesh is None:
+        return tree
+    leaves, treedef = jax.tree.flatten(tree)
+    placed = [
+        jax.lax.with_sharding_constraint(x, _sharding_for(mesh, lay.spec))
+        if lay.spec is not None and _type_sharding(x) is None
+        else x
+        for x, lay in zip(leaves, layouts)
+    ]
+    return jax.tree.unflatten(treedef, placed)
+
+
+def place_state_like_params(state: Any, params: Any, specs: Any, mesh: Mesh | None) -> Any:
+    """Gives every state leaf that mirrors a parameter (same key-path suffix and shape) the
+    parameter's sharding: AdamW moments and Muon momentum alike."""
+    if specs is None:
+        return state
+    mesh = mesh or _context_mesh()
+    if mesh is None:
+        return state
+    paths, leaves, _ = leaves_with_paths(params)
+    spec_list = per_leaf(specs, params, name="specs",
+                         is_value=lambda x: isinstance(x, PartitionSpec), required=True)
+    table = {p: (tuple(x.shape), s) for p, x, s in zip(paths, leaves, spec_list)}
+
+    def place(path, x):
+        names = path_names(path)
+        for k in range(len(names)):
+            hit = table.get(names[k:])
+            if hit is not None and hit[0] == tuple(getattr(x, "shape", ())):
+                if _type_sharding(x) is None:
+                    return jax.lax.with_sharding_constraint(x, _sharding_for(mesh, tuple(hit[1])))
+                return x
+        return x
+
+    return jax.tree_util.tree_map_with_path(place, state)
+
+
+def partition_specs(params: Any) -> Any:
+    """Reads the PartitionSpec of every concrete array in `params` (P() when it has none)."""
+
+    def spec(x):
+        sharding = getattr(x, "sharding", None)
+        return sharding.spec if isinstance(sharding, NamedSharding) else P()
+
+    return jax.tree.map(spec, params)
