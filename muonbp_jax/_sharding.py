@@ -247,9 +247,6 @@ def plan(
         ),
         default=(1, 1),
     )
-    if specs is None:
-        user_specs = [None] * len(leaves)
-
     meshes: set[Mesh] = set()
     resolved: list[tuple[Any, ...] | None] = []
     for path, x, spec in zip(paths, leaves, user_specs):
@@ -477,8 +474,10 @@ def place_state_like_params(state: Any, params: Any, specs: Any, mesh: Mesh | No
         return state
     paths, leaves, _ = leaves_with_paths(params)
     spec_list = per_leaf(specs, params, name="specs",
-                         is_value=lambda x: isinstance(x, PartitionSpec), required=True)
-    table = {p: (tuple(x.shape), s) for p, x, s in zip(paths, leaves, spec_list)}
+                         is_value=lambda x: isinstance(x, PartitionSpec))
+    table = {
+        p: (tuple(x.shape), s) for p, x, s in zip(paths, leaves, spec_list) if s is not None
+    }
 
     def place(path, x):
         names = path_names(path)
