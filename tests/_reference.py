@@ -1,0 +1,64 @@
+"""Independent float64 NumPy references for the tests: Newton–Schulz, hand-split tiles, scaling.
+
+Nothing here imports muonbp_jax: the coefficients are written out from their sources and tiles
+are cut with plain slicing, so a bug in the package cannot hide in its own reference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Keller Jordan's quintic coefficients (modded-nanogpt, 2024), used at every step.
+JORDAN = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(x: np.ndarray, coeffs=JORDAN, steps: int = 5, eps: float = 1e-8) -> np.ndarray:
+    """Frobenius-normalized quintic Newton–Schulz of one matrix, in float64.
+
+    `coeffs` is one (a, b, c) triple repeated `steps` times or a per-step table.
+    """
+    x = np.asarray(x, np.float64)
+    table = np.asarray(coeffs, np.float64)
+    table = np.tile(table, (steps, 1)) if table.ndim == 1 else table
+    tall = x.shape[0] > x.shape[1]
+    y = x.T if tall else x
+    y = y / (np.linalg.norm(y) + eps)
+    for a, b, c in table:
+        gram = y @ y.T
+        y = a * y + (b * gram + c * gram @ gram) @ y
+    return y.T if tall else y
+
+
+def rms_scale(rows: int, cols: int, consistent_rms: float | None = 0.2) -> float:
+    if consistent_rms is None:
+        return float(np.sqrt(max(1.0, cols / rows)))
+    return consistent_rms * float(np.sqrt(max(rows, cols)))
+
+
+def full_update(x: np.ndarray, consistent_rms: float | None = 0.2, **ns) -> np.ndarray:
+    """What a full step makes of the momentum matrix x: NS of the whole matrix, scaled by its
+    own shape."""
+    return newton_schulz(x, **ns) * rms_scale(*x.shape, consistent_rms)
+
+
+def split(x: np.ndarray, row_parts: int, col_parts: int) -> list[list[np.ndarray]]:
+    """Cuts x into a row_parts × col_parts grid of equal tiles, by slicing."""
+    h, w = x.shape[0] // row_parts, x.shape[1] // col_parts
+    return [
+        [x[i * h : (i + 1) * h, j * w : (j + 1) * w] for j in range(col_parts)]
+        for i in range(row_parts)
+    ]
+
+
+def block_update(
+    x: np.ndarray, row_parts: int, col_parts: int, consistent_rms: float | None = 0.2, **ns
+) -> np.ndarray:
+    """What a block step makes of x when each device holds one tile of a row_parts × col_parts
+    grid: NS of each tile on its own, scaled by the tile's shape, put back in place."""
+    tiles = split(x, row_parts, col_parts)
+    return np.block([[full_update(t, consistent_rms, **ns) for t in row] for row in tiles])
+
+
+def relative_error(actual, expected) -> float:
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))

@@ -1,0 +1,211 @@
+"""Block and full steps on every supported layout, against hand-split float64 references.
+
+One parameter tree holds every layout (each leaf with its own PartitionSpec), so a mode and
+dtype compile once: Auto meshes get `specs=`, Explicit meshes read the specs off the types.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import muonbp_jax
+from muonbp_jax import MuonDimensionNumbers
+from tests import _reference as ref
+
+MESH_SHAPE, AXES = (2, 4), ("data", "model")
+
+# name: (shape, spec, (row parts, col parts) of one device's block on the 2x4 mesh)
+LAYOUTS = {
+    "cols": ((16, 32), P(None, "model"), (1, 4)),
+    "rows": ((32, 16), P("model", None), (4, 1)),
+    "tiles": ((16, 32), P("data", "model"), (2, 4)),
+    "rows8": ((32, 16), P(("data", "model"), None), (8, 1)),
+    "replicated": ((16, 32), P(), (1, 1)),
+    "stacked": ((2, 16, 32), P(None, None, "model"), (1, 4)),
+}
+SPECS = {name: spec for name, (_, spec, _) in LAYOUTS.items()}
+DIMS = {
+    name: MuonDimensionNumbers(1, 2) if len(shape) == 3 else MuonDimensionNumbers()
+    for name, (shape, _, _) in LAYOUTS.items()
+}
+# Relative Frobenius error allowed against the float64 reference, per Newton–Schulz dtype. bf16
+# rounding, amplified by five iterations, gives up to ~7% on these small matrices; a block
+# update differs from the full one by more than 40%, so either bound tells the two apart.
+TOLERANCE = {jnp.float32: 1e-4, jnp.bfloat16: 0.1}
+COLLECTIVE = re.compile(r"\b(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)")
+
+
+def _mesh(mode: AxisType) -> jax.sharding.Mesh:
+    return jax.make_mesh(MESH_SHAPE, AXES, axis_types=(mode,) * 2)
+
+
+def _grads(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        name: rng.standard_normal(shape).astype(np.float32)
+        for name, (shape, _, _) in LAYOUTS.items()
+    }
+
+
+def _put(tree: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    return {k: jax.device_put(v, NamedSharding(mesh, SPECS[k])) for k, v in tree.items()}
+
+
+def _matrices(x: np.ndarray) -> np.ndarray:
+    return x.reshape(-1, *x.shape[-2:])
+
+
+def _expected(grads, kind: str, ns_dtype) -> dict[str, np.ndarray]:
+    """Reference update with learning rate 1: −(full or block update) of each matrix."""
+    out = {}
+    for name, g in grads.items():
+        parts = LAYOUTS[name][2]
+        one = ref.full_update if kind == "full" else lambda m: ref.block_update(m, *parts)
+        out[name] = -np.stack([one(m) for m in _matrices(g)]).reshape(g.shape)
+    return out
+
+
+def _tx(mode: AxisType, mesh, ns_dtype, period, **kw):
+    # beta=0 and no Nesterov make the momentum equal to the gradient, so each update is the
+    # orthogonalized gradient of that step.
+    auto = dict(specs=SPECS, mesh=mesh) if mode == AxisType.Auto else {}
+    return muonbp_jax.muonbp(
+        1.0,
+        beta=0.0,
+        nesterov=False,
+        period=period,
+        ns_dtype=ns_dtype,
+        muon_weight_dimension_numbers=DIMS,
+        **auto,
+        **kw,
+    )
+
+
+def _muon_state(state) -> muonbp_jax.MuonBPState:
+    (found,) = [
+        s
+        for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, muonbp_jax.MuonBPState))
+        if isinstance(s, muonbp_jax.MuonBPState)
+    ]
+    return found
+
+
+@pytest.mark.parametrize("ns_dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("mode", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
+def test_full_then_block_step_match_reference(mode, ns_dtype):
+    mesh = _mesh(mode)
+    tx = _tx(mode, mesh, ns_dtype, period=2)
+    with jax.set_mesh(mesh) if mode == AxisType.Explicit else _nullcontext():
+        params = _put(_grads(0), mesh)
+        state = jax.jit(tx.init)(params)
+        for name, mu in _muon_state(state).mu.items():
+            assert mu.sharding.is_equivalent_to(params[name].sharding, mu.ndim), name
+        update = jax.jit(tx.update)
+        for step, kind in enumerate(["full", "block"]):
+            grads = _grads(step + 1)
+            updates, state = update(_put(grads, mesh), state, params)
+            jax.block_until_ready(updates)
+            expected = _expected(grads, kind, ns_dtype)
+            for name, u in updates.items():
+                err = ref.relative_error(u, expected[name])
+                assert err < TOLERANCE[ns_dtype], f"{kind} step, {name}: relative error {err:.2e}"
+                assert u.sharding.is_equivalent_to(params[name].sharding, u.ndim), (
+                    f"{kind} step, {name}: update sharded as {u.sharding}, parameter as "
+                    f"{params[name].sharding}"
+                )
+        for name, mu in _muon_state(state).mu.items():
+            assert mu.sharding.is_equivalent_to(params[name].sharding, mu.ndim), name
+        assert update._cache_size() == 1
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _computations(hlo: str) -> dict[str, str]:
+    """HLO module text → {computation name: body}."""
+    found = re.findall(r"^(?:ENTRY )?%(\S+) .*?\{\n(.*?)^\}", hlo, flags=re.M | re.S)
+    return dict(found)
+
+
+def _reachable(comps: dict[str, str], roots: list[str]) -> set[str]:
+    seen, todo = set(), list(roots)
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo += re.findall(
+                r"%([\w.\-]+)",
+                " ".join(
+                    re.findall(
+                        r"(?:calls|to_apply|body|condition|branch_computations|"
+                        r"true_computation|false_computation)=\{?([^}\s]*(?:, %[^},\s]*)*)",
+                        comps[name],
+                    )
+                ),
+            )
+    return seen
+
+
+def _compiled_update(mode: AxisType, period, **kw) -> str:
+    mesh = _mesh(mode)
+    tx = _tx(mode, mesh, jnp.bfloat16, period=period, **kw)
+    with jax.set_mesh(mesh) if mode == AxisType.Explicit else _nullcontext():
+        params = _put(_grads(0), mesh)
+        state = jax.jit(tx.init)(params)
+        return jax.jit(tx.update).lower(params, state, params).compile().as_text()
+
+
+@pytest.mark.parametrize("mode", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
+def test_block_muon_never_communicates_and_muon_gathers(mode):
+    never = _compiled_update(mode, period=None)
+    assert not COLLECTIVE.findall(never), "period=None must not communicate"
+    always = _compiled_update(mode, period=1)
+    assert "all-gather" in always, "period=1 must gather the sharded matrices"
+
+
+def test_collectives_stay_inside_the_full_step_branch():
+    comps = _computations(_compiled_update(AxisType.Auto, period=5))
+    (branches,) = re.findall(
+        r"conditional\(.*branch_computations=\{([^}]*)\}", "\n".join(comps.values())
+    )
+    block, full = re.findall(r"%([\w.\-]+)", branches)  # lax.cond: branch 0 is the false one
+    with_collectives = {name for name, body in comps.items() if COLLECTIVE.search(body)}
+    assert with_collectives, "the full step must gather"
+    assert not with_collectives & _reachable(comps, [block]), "block step communicates"
+    assert with_collectives <= _reachable(comps, [full]), "collectives outside the full step"
+
+
+@pytest.mark.parametrize("ns_dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_block_grid_on_one_device_equals_eight_device_blocks(ns_dtype):
+    rng = np.random.default_rng(7)
+    grads = {"cols": rng.standard_normal((16, 32)), "rows": rng.standard_normal((32, 16))}
+    grads = {k: v.astype(np.float32) for k, v in grads.items()}
+    kw = dict(beta=0.0, nesterov=False, period=None, ns_dtype=ns_dtype)
+
+    one = muonbp_jax.muonbp(1.0, block_grid={"cols": (1, 8), "rows": (8, 1)}, **kw)
+    single = {k: jax.device_put(v, jax.devices()[0]) for k, v in grads.items()}
+    local, _ = jax.jit(one.update)(single, one.init(single), single)
+
+    mesh = jax.make_mesh((8,), ("model",), axis_types=(AxisType.Explicit,))
+    specs = {"cols": P(None, "model"), "rows": P("model", None)}
+    eight = muonbp_jax.muonbp(1.0, **kw)
+    with jax.set_mesh(mesh):
+        sharded = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in grads.items()}
+        spread, _ = jax.jit(eight.update)(sharded, jax.jit(eight.init)(sharded), sharded)
+
+    for name, parts in [("cols", (1, 8)), ("rows", (8, 1))]:
+        expected = -ref.block_update(grads[name], *parts)
+        assert ref.relative_error(spread[name], expected) < TOLERANCE[ns_dtype], name
+        np.testing.assert_allclose(local[name], spread[name], rtol=0, atol=1e-6, err_msg=name)
