@@ -7,6 +7,7 @@ them. Both runs are also checked against the float64 NumPy reference.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -43,16 +44,21 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
 def _run_workers(out: Path, logs: Path) -> None:
     try:
         port = _free_port()
     except OSError as e:
         pytest.skip(f"cannot bind a localhost port for the jax.distributed coordinator: {e}")
-    procs, files = [], []
-    try:
+    procs = []
+    with contextlib.ExitStack() as stack:
         for i in range(PROCESSES):
-            log = open(logs / f"worker{i}.log", "w")
-            files.append(log)
+            log = stack.enter_context(open(logs / f"worker{i}.log", "w"))
             command = [sys.executable, "-m", "tests._multiprocess_worker", "--process-id", str(i)]
             command += ["--num-processes", str(PROCESSES), "--port", str(port)]
             command += ["--local-devices", str(LOCAL_DEVICES), "--out", str(out)]
@@ -61,18 +67,14 @@ def _run_workers(out: Path, logs: Path) -> None:
                     command, cwd=ROOT, env=_worker_env(), stdout=log, stderr=subprocess.STDOUT
                 )
             )
+            # Registered per process, so that every started one is killed if a later start or
+            # the wait below fails.
+            stack.callback(_stop, procs[-1])
         deadline = time.monotonic() + TIMEOUT_S
         while time.monotonic() < deadline and any(p.poll() is None for p in procs):
             if any(p.poll() not in (None, 0) for p in procs):
                 break  # one failed: the other would wait for it until its own timeout
             time.sleep(0.2)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-        for f in files:
-            f.close()
     codes = [p.returncode for p in procs]
     if codes != [0] * PROCESSES:
         tails = "\n".join(
