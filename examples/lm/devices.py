@@ -1,0 +1,39 @@
+"""Device setup that must happen before jax is imported (this module never imports jax)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+ACCELERATOR_PLATFORMS = ("cuda", "gpu", "rocm", "tpu")
+
+
+def accelerator_requested() -> bool:
+    """Whether jax will find a GPU or TPU: JAX_PLATFORMS names one, or (unset) a GPU/TPU
+    plugin is installed (jax[cuda*], jax[tpu])."""
+    platforms = os.environ.get("JAX_PLATFORMS", "").lower()
+    if platforms:
+        return any(p in platforms for p in ACCELERATOR_PLATFORMS)
+    plugins = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "libtpu")
+    return any(importlib.util.find_spec(name) is not None for name in plugins)
+
+
+def use_cpu_devices(count: int = 8) -> bool:
+    """Makes jax present `count` fake CPU devices unless a GPU/TPU is requested; returns
+    whether it did. Must run before jax is imported.
+
+    `PJRT_NPROC` (≥ twice the device count) keeps jaxlib 0.10's CPU collectives from
+    deadlocking on machines with few cores; see tests/conftest.py.
+    """
+    if accelerator_requested():
+        return False
+    if "jax" in sys.modules:
+        raise RuntimeError("use_cpu_devices() must run before jax is imported.")
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        flags = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+        os.environ["XLA_FLAGS"] = flags
+    os.environ.setdefault("PJRT_NPROC", str(max(16, 2 * count)))
+    return True

@@ -1,0 +1,104 @@
+"""Optimizers by name, all with the same schedule, routing and AdamW settings.
+
+Every optimizer trains the embeddings, the output head and the norms with the same AdamW (the
+default routing of `muonbp_jax.default_muon_labels`), so the comparison is about the matrices:
+
+| name         | matrices                                                         |
+|--------------|------------------------------------------------------------------|
+| `muonbp`     | MuonBP: block steps, a full step every `period` (default 5)      |
+| `muon`       | MuonBP with period 1: every step full (Muon)                     |
+| `blockmuon`  | MuonBP with period None: every step a block step (BlockMuon)     |
+| `adamw`      | AdamW                                                            |
+| `optax_muon` | `optax.contrib.muon` with the same routing and RMS matching      |
+
+Learning rates are peak values of a linear warm-up and cosine decay to a tenth of the peak.
+The defaults come from a small sweep on the default configuration (benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+from optax.contrib import MuonDimensionNumbers
+
+import muonbp_jax
+from lm import OPTIMIZERS
+
+DEFAULT_LR = {
+    "muonbp": 1e-2,
+    "muon": 1e-2,
+    "blockmuon": 1e-2,
+    "adamw": 3e-3,
+    "optax_muon": 1e-2,
+}
+PERIODS = {"muon": 1, "blockmuon": None, "optax_muon": 1}
+ADAM = {"b1": 0.9, "b2": 0.95}  # the usual LM setting, for AdamW and every Muon's AdamW part
+WARMUP_FRACTION = 0.05
+
+
+def schedule(lr: float, steps: int) -> optax.Schedule:
+    warmup = max(1, int(WARMUP_FRACTION * steps))
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr / 10)
+
+
+def period_of(name: str, period: int) -> int | None:
+    """The full-step period of a Muon-family optimizer (`period` is muonbp's)."""
+    return PERIODS.get(name, period)
+
+
+def step_kind(name: str, period: int, t: int) -> str:
+    """'full' or 'block' for the update with 0-based index t; 'adamw' for AdamW."""
+    if name == "adamw":
+        return "adamw"
+    return "full" if bool(muonbp_jax.is_full_step(t, period_of(name, period))) else "block"
+
+
+def build(
+    name: str,
+    lr: float,
+    *,
+    steps: int,
+    params: Any,
+    period: int = 5,
+    specs: Any = None,
+    mesh: jax.sharding.Mesh | None = None,
+    block_grid: Any = None,
+    weight_decay: float = 0.0,
+) -> optax.GradientTransformation:
+    """The optimizer `name` (one of OPTIMIZERS) for `params`.
+
+    Args:
+      specs, mesh: the parameters' PartitionSpecs and mesh (MuonBP needs them on a mesh with
+        Auto axes to find each device's block).
+      block_grid: per-leaf `(r, c)` tiling of the device-local blocks (see model.block_grids).
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+    rate = schedule(lr, steps)
+    if name == "adamw":
+        return optax.adamw(rate, b1=ADAM["b1"], b2=ADAM["b2"], weight_decay=weight_decay)
+    if name == "optax_muon":
+        labels = muonbp_jax.default_muon_labels(params)
+        dims = jax.tree.map(lambda lab: MuonDimensionNumbers() if lab == "muon" else None, labels)
+        return optax.contrib.muon(
+            rate,
+            weight_decay=weight_decay,
+            adam_b1=ADAM["b1"],
+            adam_b2=ADAM["b2"],
+            adam_weight_decay=weight_decay,
+            muon_weight_dimension_numbers=dims,
+            consistent_rms=0.2,
+        )
+    return muonbp_jax.muonbp(
+        rate,
+        period=period_of(name, period),
+        weight_decay=weight_decay,
+        adam_b1=ADAM["b1"],
+        adam_b2=ADAM["b2"],
+        adam_weight_decay=weight_decay,
+        specs=specs,
+        mesh=mesh,
+        block_grid=block_grid,
+    )

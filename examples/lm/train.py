@@ -1,0 +1,368 @@
+"""The training loop: `train(Config(...)) -> metrics`, usable from Python and from the CLI.
+
+One jitted step (forward, backward, optimizer update) compiled ahead of time with the
+parameters' and optimizer state's shardings pinned on both sides, so it compiles once and
+never reshards. Checkpoints (orbax `CheckpointManager`) hold the parameters, the optimizer
+state, the metrics so far and the configuration; since batches depend only on (seed, step), a
+resumed run continues exactly where the interrupted one stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from lm import data as data_lib
+from lm import optimizers
+from lm.model import DATA, GPT, MODEL, ModelConfig, block_grids
+
+FINAL_TRAIN_WINDOW = 10  # final train loss = mean of the last this-many steps
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One training run. Defaults are the README's main command (a few minutes on 2 cores)."""
+
+    optimizer: str = "muonbp"
+    steps: int = 300
+    batch: int = 16
+    seq: int = 128
+    d_model: int = 128
+    layers: int = 2
+    heads: int = 4
+    lr: float | None = None  # None: the optimizer's default (optimizers.DEFAULT_LR)
+    period: int = 5  # muonbp's full-step period
+    mesh: tuple[int, int] | None = None  # (data, model); None: see default_mesh_shape
+    tp_blocks: int = 4  # tensor-parallel blocks per matrix (emulated by block_grid if needed)
+    weight_decay: float = 0.0
+    seed: int = 0
+    data: str | None = None  # None: the Python standard library's sources
+    eval_every: int = 50
+    eval_batches: int = 4
+    checkpoint_every: int = 100
+    checkpoint_dir: str | None = None  # None: no checkpoints
+
+    @property
+    def model(self) -> ModelConfig:
+        return ModelConfig(seq=self.seq, d_model=self.d_model, layers=self.layers, heads=self.heads)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else optimizers.DEFAULT_LR[self.optimizer]
+
+    def check(self) -> None:
+        """Raises ValueError for settings that cannot run, before anything is built."""
+        if self.optimizer not in optimizers.OPTIMIZERS:
+            raise ValueError(
+                f"unknown optimizer {self.optimizer!r}; choose from "
+                f"{', '.join(optimizers.OPTIMIZERS)}"
+            )
+        for name in (
+            "steps",
+            "batch",
+            "seq",
+            "d_model",
+            "layers",
+            "heads",
+            "period",
+            "tp_blocks",
+            "eval_every",
+            "eval_batches",
+            "checkpoint_every",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        self.model.check(self.tp_blocks)
+        if (self.d_model * self.model.mlp_ratio) % self.tp_blocks:
+            raise ValueError(f"the MLP width is not divisible by --tp-blocks {self.tp_blocks}")
+
+
+def default_mesh_shape(devices: int, tp_blocks: int) -> tuple[int, int]:
+    """(data, model): as much tensor parallelism as divides both counts, the rest data."""
+    model = math.gcd(devices, tp_blocks)
+    return devices // model, model
+
+
+def mesh_shape(config: Config) -> tuple[int, int]:
+    """The (data, model) mesh of `config` on the devices jax sees; ValueError if it cannot be."""
+    devices = jax.devices()
+    shape = config.mesh or default_mesh_shape(len(devices), config.tp_blocks)
+    if shape[0] * shape[1] != len(devices):
+        raise ValueError(
+            f"--mesh {shape[0]}x{shape[1]} needs {shape[0] * shape[1]} devices but jax has "
+            f"{len(devices)} ({devices[0].platform}); use --mesh DATAxMODEL with "
+            f"DATA*MODEL = {len(devices)}"
+        )
+    if config.batch % shape[0]:
+        raise ValueError(f"--batch {config.batch} is not divisible by the data axis {shape[0]}")
+    if config.tp_blocks % shape[1]:
+        raise ValueError(
+            f"--tp-blocks {config.tp_blocks} is not a multiple of the mesh's model axis {shape[1]}"
+        )
+    return shape
+
+
+def make_mesh(config: Config) -> jax.sharding.Mesh:
+    return jax.make_mesh(
+        mesh_shape(config), (DATA, MODEL), axis_types=(AxisType.Auto, AxisType.Auto)
+    )
+
+
+def _on_mesh(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Puts every leaf on `mesh`: sharded leaves keep their spec, the rest (step counters
+    created on one device) are replicated, so one jit sees one device set."""
+
+    def place(x):
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+            return x
+        return jax.device_put(x, NamedSharding(mesh, P()))
+
+    return jax.tree.map(place, tree)
+
+
+def _shardings(tree: Any) -> Any:
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def _loss(graphdef: nnx.GraphDef, params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
+    logits = nnx.merge(graphdef, params)(x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+class _Checkpoints:
+    """Orbax checkpoints of {params, opt_state} plus the metrics and config as JSON."""
+
+    def __init__(self, directory: str, every: int):
+        path = Path(directory).expanduser().resolve()  # orbax needs absolute paths
+        self.manager = ocp.CheckpointManager(
+            path, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+        )
+        self.every = every
+
+    def latest(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: dict, record: dict) -> None:
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)
+            ),
+        )
+
+    def restore(self, step: int, like: dict) -> tuple[dict, dict]:
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        out = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), record=ocp.args.JsonRestore()
+            ),
+        )
+        return out["state"], out["record"]
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _check_same_config(saved: dict, config: Config) -> None:
+    mine = dataclasses.asdict(config)
+    ignore = {"checkpoint_dir", "checkpoint_every", "eval_every"}
+    diff = [
+        f"{k}: saved {saved.get(k)!r}, now {mine[k]!r}"
+        for k in mine
+        if k not in ignore and _jsonable(saved.get(k)) != _jsonable(mine[k])
+    ]
+    if diff:
+        raise ValueError("--resume with a different configuration (" + "; ".join(diff) + ")")
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def train(
+    config: Config,
+    *,
+    corpus: data_lib.Corpus | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    stop_at: int | None = None,
+    return_params: bool = False,
+) -> dict[str, Any]:
+    """Trains one model with one optimizer and returns its metrics.
+
+    Args:
+      config: the run.
+      corpus: tokens to train on (default: `data.load_corpus(config.data)`); pass one to share
+        it between runs.
+      resume: continue from the latest checkpoint in `config.checkpoint_dir`, if any.
+      progress: show a tqdm progress bar.
+      stop_at: stop after this many steps, as if interrupted (the schedule still spans
+        `config.steps`); for testing `resume`.
+      return_params: add the final parameters (a dict of arrays) under "params".
+
+    Returns:
+      A dict: "config", "lr", "final_train_loss" (mean of the last 10 steps),
+      "final_val_loss", "tokens_per_s", "mean_step_ms", "mean_block_step_ms",
+      "mean_full_step_ms" (None where there is no such step; the first step of each process
+      is not timed), "compile_s", "steps" and "evals" (per-step and per-evaluation records),
+      "devices", "mesh".
+    """
+    config.check()
+    corpus = corpus if corpus is not None else data_lib.load_corpus(config.data)
+    data_lib.check_length(corpus, config.seq)
+    mesh = make_mesh(config)
+    with jax.set_mesh(mesh):
+        model = GPT(config.model, nnx.Rngs(config.seed))
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
+    tx = optimizers.build(
+        config.optimizer,
+        config.learning_rate,
+        steps=config.steps,
+        params=params,
+        period=config.period,
+        specs=specs,
+        mesh=mesh,
+        block_grid=block_grids(specs, config.tp_blocks, mesh.shape[MODEL]),
+        weight_decay=config.weight_decay,
+    )
+    opt_state = _on_mesh(tx.init(params), mesh)
+    record: dict[str, Any] = {"config": dataclasses.asdict(config), "steps": [], "evals": []}
+
+    checkpoints = None
+    if config.checkpoint_dir is not None:
+        checkpoints = _Checkpoints(config.checkpoint_dir, config.checkpoint_every)
+    start = 0
+    if resume and checkpoints is not None and checkpoints.latest() is not None:
+        start = checkpoints.latest()
+        restored, saved = checkpoints.restore(start, {"params": params, "opt_state": opt_state})
+        _check_same_config(saved["config"], config)
+        params, opt_state, record = restored["params"], restored["opt_state"], saved
+
+    batch_sharding = NamedSharding(mesh, P(DATA, None))
+    param_sh, opt_sh = _shardings(params), _shardings(opt_state)
+    replicated = NamedSharding(mesh, P())
+
+    def step(params, opt_state, x, y):
+        loss, grads = jax.value_and_grad(lambda p: _loss(graphdef, p, x, y))(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    tokens = jax.ShapeDtypeStruct((config.batch, config.seq), jnp.int32, sharding=batch_sharding)
+    began = time.perf_counter()
+    step_fn = (
+        jax.jit(
+            step,
+            in_shardings=(param_sh, opt_sh, batch_sharding, batch_sharding),
+            out_shardings=(param_sh, opt_sh, replicated),
+            donate_argnums=(0, 1),
+        )
+        .lower(params, opt_state, tokens, tokens)
+        .compile()
+    )
+    eval_fn = jax.jit(
+        lambda p, x, y: _loss(graphdef, p, x, y),
+        in_shardings=(param_sh, batch_sharding, batch_sharding),
+        out_shardings=replicated,
+    )
+    compile_s = time.perf_counter() - began
+    to_device = lambda a: jax.device_put(a, batch_sharding)
+    val_batches = [
+        tuple(map(to_device, b))
+        for b in data_lib.validation_batches(
+            corpus, config.seed, config.eval_batches, config.batch, config.seq
+        )
+    ]
+
+    def evaluate() -> float:
+        losses = [eval_fn(params, x, y) for x, y in val_batches]
+        return float(np.mean(jax.device_get(losses)))
+
+    end = config.steps if stop_at is None else min(stop_at, config.steps)
+    tokens_per_step = config.batch * config.seq
+    bar = _progress(config.optimizer, start, config.steps, enabled=progress and end > start)
+    for t in range(start, end):
+        x, y = map(
+            to_device, data_lib.train_batch(corpus, config.seed, t, config.batch, config.seq)
+        )
+        t0 = time.perf_counter()
+        params, opt_state, loss = step_fn(params, opt_state, x, y)
+        # One step in flight at a time: also what keeps XLA:CPU collectives from deadlocking
+        # with many fake devices on few cores (shared/REFERENCE.md §3).
+        loss = float(jax.block_until_ready(loss))
+        dt = time.perf_counter() - t0
+        kind = optimizers.step_kind(config.optimizer, config.period, t)
+        # The first step a process runs also sets up thread pools and buffers: not timed.
+        timed = t > start
+        record["steps"].append(
+            {"step": t + 1, "train_loss": loss, "time_s": dt, "kind": kind, "timed": timed}
+        )
+        if (t + 1) % config.eval_every == 0 or t + 1 == config.steps:
+            record["evals"].append({"step": t + 1, "val_loss": evaluate()})
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
+        if checkpoints is not None and ((t + 1) % checkpoints.every == 0 or t + 1 == end):
+            checkpoints.save(t + 1, {"params": params, "opt_state": opt_state}, record)
+    if bar is not None:
+        bar.close()
+    if checkpoints is not None:
+        checkpoints.close()
+
+    metrics = summarize(record, tokens_per_step)
+    metrics.update(
+        lr=config.learning_rate,
+        compile_s=compile_s,
+        devices=f"{len(mesh.devices.flat)} x {mesh.devices.flat[0].platform}",
+        mesh=dict(mesh.shape),
+    )
+    if return_params:
+        metrics["params"] = params
+    return metrics
+
+
+def _progress(name: str, start: int, total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc=f"{name:>10}", unit="step", dynamic_ncols=True)
+
+
+def summarize(record: dict, tokens_per_step: int) -> dict[str, Any]:
+    """The figures of the final table, from the per-step records."""
+    steps = record["steps"]
+    times = [s["time_s"] for s in steps if s["timed"]]
+
+    def mean_ms(kind: str) -> float | None:
+        ts = [s["time_s"] for s in steps if s["kind"] == kind and s["timed"]]
+        return 1e3 * float(np.mean(ts)) if ts else None
+
+    last = [s["train_loss"] for s in steps[-FINAL_TRAIN_WINDOW:]]
+    return {
+        "config": record["config"],
+        "final_train_loss": float(np.mean(last)) if last else None,
+        "final_val_loss": record["evals"][-1]["val_loss"] if record["evals"] else None,
+        "tokens_per_s": tokens_per_step * len(times) / sum(times) if times else None,
+        "mean_step_ms": 1e3 * float(np.mean(times)) if times else None,
+        "mean_block_step_ms": mean_ms("block"),
+        "mean_full_step_ms": mean_ms("full"),
+        "steps": steps,
+        "evals": record["evals"],
+    }

@@ -1,0 +1,234 @@
+"""Train a byte-level GPT with tensor parallelism and compare MuonBP with Muon, BlockMuon and AdamW.
+
+    python examples/train_lm.py                      # the default comparison, a few minutes on CPU
+    python examples/train_lm.py --compare muonbp,adamw --steps 500
+    python examples/train_lm.py --optimizer muonbp --data ~/my_texts --out runs/mine
+
+Without a GPU/TPU it runs on 8 fake CPU devices as a 2x4 ('data', 'model') mesh: the matrices
+are split 4 ways Megatron-style and MuonBP's block steps orthogonalize each device's slice. On
+one GPU, `block_grid` splits the matrices into the same 4 blocks. Every optimizer starts from the
+same seed and sees the same batches. Writes, under --out: metrics.csv, metrics.json,
+loss_curves.png and checkpoints/<optimizer>/ (for --resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+from pathlib import Path
+
+from lm import OPTIMIZERS, devices
+
+DEFAULT_COMPARE = "muonbp,muon,blockmuon,adamw"
+
+
+def _mesh(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected DATAxMODEL such as 2x4, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in OPTIMIZERS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown optimizer {', '.join(unknown) or repr(text)}; choose from "
+            f"{', '.join(OPTIMIZERS)}"
+        )
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"an optimizer is named twice in {text!r}")
+    return names
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="Learning rates default to values tuned per optimizer (lm/optimizers.py).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--compare",
+        type=_names,
+        default=_names(DEFAULT_COMPARE),
+        metavar="A,B,...",
+        help=f"optimizers to train in turn: {OPTIMIZERS}",
+    )
+    which.add_argument(
+        "--optimizer",
+        type=lambda t: _names(t)[:1],
+        dest="compare",
+        metavar="NAME",
+        help="train one optimizer (same as --compare NAME)",
+    )
+    p.add_argument("--steps", type=_positive, default=300, help="training steps")
+    p.add_argument("--batch", type=_positive, default=16, help="sequences per step")
+    p.add_argument("--seq", type=_positive, default=128, help="bytes per sequence")
+    p.add_argument("--d-model", type=_positive, default=128, help="model width")
+    p.add_argument("--layers", type=_positive, default=2, help="transformer blocks")
+    p.add_argument("--heads", type=_positive, default=4, help="attention heads")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="peak learning rate for every compared optimizer (default: tuned each)",
+    )
+    p.add_argument("--period", type=_positive, default=5, help="MuonBP's full-step period")
+    p.add_argument(
+        "--mesh",
+        type=_mesh,
+        default=None,
+        metavar="DATAxMODEL",
+        help="device mesh (default: 2x4 on 8 CPU devices, 1x1 on one GPU)",
+    )
+    p.add_argument(
+        "--tp-blocks",
+        type=_positive,
+        default=4,
+        help="tensor-parallel blocks per matrix; block_grid emulates those the "
+        "mesh's model axis does not provide",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        metavar="PATH",
+        help="text file or folder (default: the Python standard library's sources)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="initialization and data order")
+    p.add_argument("--eval-every", type=_positive, default=50, help="steps between evaluations")
+    p.add_argument(
+        "--checkpoint-every", type=_positive, default=100, help="steps between checkpoints"
+    )
+    p.add_argument(
+        "--out",
+        default="runs/train_lm",
+        metavar="DIR",
+        help="where metrics, the plot and checkpoints go",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue each optimizer from its latest checkpoint in --out",
+    )
+    p.add_argument(
+        "--cpu-devices",
+        type=_positive,
+        default=8,
+        help="fake CPU devices when no GPU/TPU is present",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser()
+    args = p.parse_args(argv)
+    if args.data is not None and not Path(args.data).expanduser().exists():
+        p.error(f"--data {args.data}: no such file or folder")
+    on_cpu = devices.use_cpu_devices(args.cpu_devices)
+
+    import jax  # after the device setup above
+    from lm import data, report
+    from lm.train import Config, mesh_shape, train
+
+    configs = {
+        name: Config(
+            optimizer=name,
+            steps=args.steps,
+            batch=args.batch,
+            seq=args.seq,
+            d_model=args.d_model,
+            layers=args.layers,
+            heads=args.heads,
+            lr=args.lr,
+            period=args.period,
+            mesh=args.mesh,
+            tp_blocks=args.tp_blocks,
+            seed=args.seed,
+            data=args.data,
+            eval_every=args.eval_every,
+            checkpoint_every=args.checkpoint_every,
+            checkpoint_dir=str(Path(args.out) / "checkpoints" / name),
+        )
+        for name in args.compare
+    }
+    try:
+        for config in configs.values():
+            config.check()
+            mesh = mesh_shape(config)
+        corpus = data.load_corpus(args.data)
+        data.check_length(corpus, args.seq)
+    except (ValueError, OSError) as e:
+        p.error(str(e))
+
+    count = jax.device_count()
+    device = f"{count} x {jax.devices()[0].device_kind}" + (" (fake CPU devices)" if on_cpu else "")
+    print(
+        f"devices : {device}, mesh data={mesh[0]} x model={mesh[1]}, "
+        f"{args.tp_blocks} tensor-parallel blocks per matrix"
+    )
+    print(
+        f"corpus  : {corpus.source}: {corpus.files} files, {len(corpus.train):,} training and "
+        f"{len(corpus.val):,} validation bytes"
+    )
+    print(
+        f"model   : d_model={args.d_model} layers={args.layers} heads={args.heads} "
+        f"seq={args.seq} batch={args.batch}, {args.steps} steps\n"
+    )
+
+    runs = {}
+    for name, config in configs.items():
+        runs[name] = train(config, corpus=corpus, resume=args.resume, progress=not args.no_progress)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    info = {
+        "command": " ".join(
+            [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "device": device,
+        "versions": _versions(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    report.write_csv(runs, out / "metrics.csv")
+    report.write_json(runs, info, out / "metrics.json")
+    report.plot(
+        runs,
+        out / "loss_curves.png",
+        title=(
+            f"byte-level GPT d={args.d_model} L={args.layers}, {args.steps} steps of "
+            f"{args.batch}x{args.seq} bytes, {device}"
+        ),
+    )
+    print()
+    print(report.table(runs))
+    print(
+        f"\nwrote {out / 'metrics.csv'}, {out / 'metrics.json'}, {out / 'loss_curves.png'}; "
+        f"checkpoints in {out / 'checkpoints'}"
+    )
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    names = ("jax", "jaxlib", "optax", "flax", "orbax-checkpoint", "muonbp-jax")
+    return {
+        "python": platform.python_version(),
+        **{n: version(n) for n in names},
+        "cpu_count": str(os.cpu_count()),
+    }
+
+
+if __name__ == "__main__":
+    main()
