@@ -124,8 +124,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cpu-devices",
         type=_positive,
-        default=8,
-        help="fake CPU devices when no GPU/TPU is present",
+        default=None,
+        help="fake CPU devices when no GPU/TPU is present (default: 8)",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p

@@ -87,12 +87,12 @@ def load_corpus(path: str | Path | None = None, max_bytes: int | None = None) ->
         source = str(root)
     if root.is_file():
         data = root.read_bytes()
-        cut = int(len(data) * (1 - 1 / VALIDATION_EVERY))
+        cut = len(data) * (VALIDATION_EVERY - 1) // VALIDATION_EVERY
         train, val = data[:cut], data[cut:]
     else:
         train, val = _read(files, root)
         if not val and train:  # every file hashed to training: hold out the tail instead
-            cut = int(len(train) * (1 - 1 / VALIDATION_EVERY))
+            cut = len(train) * (VALIDATION_EVERY - 1) // VALIDATION_EVERY
             train, val = train[:cut], train[cut:]
     if max_bytes is not None:
         train, val = train[:max_bytes], val[: max(max_bytes // VALIDATION_EVERY, 1)]

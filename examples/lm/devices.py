@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 
 ACCELERATOR_PLATFORMS = ("cuda", "gpu", "rocm", "tpu")
+DEFAULT_CPU_DEVICES = 8
+_COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=(\d+)")
 
 
 def accelerator_requested() -> bool:
@@ -19,9 +22,10 @@ def accelerator_requested() -> bool:
     return any(importlib.util.find_spec(name) is not None for name in plugins)
 
 
-def use_cpu_devices(count: int = 8) -> bool:
+def use_cpu_devices(count: int | None = None) -> bool:
     """Makes jax present `count` fake CPU devices unless a GPU/TPU is requested; returns
-    whether it did. Must run before jax is imported.
+    whether it did. Must run before jax is imported. `count=None` keeps a count already set
+    in XLA_FLAGS, else uses DEFAULT_CPU_DEVICES.
 
     `PJRT_NPROC` (≥ twice the device count) keeps jaxlib 0.10's CPU collectives from
     deadlocking on machines with few cores; see tests/conftest.py.
@@ -32,8 +36,10 @@ def use_cpu_devices(count: int = 8) -> bool:
         raise RuntimeError("use_cpu_devices() must run before jax is imported.")
     os.environ["JAX_PLATFORMS"] = "cpu"
     flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        flags = f"{flags} --xla_force_host_platform_device_count={count}".strip()
-        os.environ["XLA_FLAGS"] = flags
+    found = _COUNT_FLAG.search(flags)
+    if count is None:
+        count = int(found.group(1)) if found else DEFAULT_CPU_DEVICES
+    flags = _COUNT_FLAG.sub("", flags).strip()
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
     os.environ.setdefault("PJRT_NPROC", str(max(16, 2 * count)))
     return True

@@ -1,0 +1,182 @@
+"""The flagship example (examples/train_lm.py): a smoke run of the command, exact resume,
+one-line errors for bad arguments, and the data pipeline it relies on."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+from lm import data
+from lm.train import Config, train
+
+TINY = {
+    "steps": 6,
+    "batch": 4,
+    "seq": 16,
+    "d_model": 32,
+    "layers": 1,
+    "heads": 4,
+    "eval_every": 3,
+    "eval_batches": 1,
+}
+TINY_FLAGS = [
+    "--steps",
+    "4",
+    "--batch",
+    "4",
+    "--seq",
+    "16",
+    "--d-model",
+    "32",
+    "--layers",
+    "1",
+    "--eval-every",
+    "2",
+    "--no-progress",
+]
+
+
+def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / "train_lm.py"), *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ),
+    )
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory) -> data.Corpus:
+    """The first 200 kB of the default corpus: enough text, quicker to sample from."""
+    return data.load_corpus(max_bytes=200_000)
+
+
+def test_command_smoke(tmp_path):
+    """The README's command on a tiny configuration: table, CSV, JSON and PNG for each run."""
+    names = ["muonbp", "adamw"]
+    out = tmp_path / "out"
+    proc = run_cli("--compare", ",".join(names), *TINY_FLAGS, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("|")]
+    assert [r.split("|")[1].strip() for r in rows[2:]] == names
+    for row in rows[2:]:
+        train_loss, val_loss = (float(c) for c in row.split("|")[3:5])
+        assert 0 < train_loss < math.log(256) + 1 and 0 < val_loss < math.log(256) + 1
+    with (out / "metrics.csv").open() as f:
+        records = list(csv.DictReader(f))
+    assert [(r["optimizer"], int(r["step"])) for r in records] == [
+        (n, s) for n in names for s in range(1, 5)
+    ]
+    assert all(math.isfinite(float(r["train_loss"])) for r in records)
+    kinds = [r["kind"] for r in records if r["optimizer"] == "muonbp"]
+    assert kinds == ["full", "block", "block", "block"]  # period 5: only update 0 is full
+    summary = json.loads((out / "metrics.json").read_text())
+    assert set(summary["runs"]) == set(names) and "jax" in summary["versions"]
+    assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted(names)
+
+
+def test_one_device_emulates_blocks(tmp_path):
+    """On a single device the tensor-parallel blocks come from block_grid (the GPU path)."""
+    proc = run_cli(
+        "--cpu-devices", "1", "--optimizer", "muonbp", *TINY_FLAGS, "--out", str(tmp_path)
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "1 x cpu" in proc.stdout and "mesh data=1 x model=1" in proc.stdout
+
+
+def _assert_trees_equal(a, b):
+    leaves_a, tree_a = jax.tree.flatten(a)
+    leaves_b, tree_b = jax.tree.flatten(b)
+    assert tree_a == tree_b
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_resume_continues_exactly(tmp_path, small_corpus):
+    """Stopping at step 3 (mid-period: P=2, so update 3 is a block step) and resuming gives
+    the uninterrupted run's parameters bit for bit: the same compiled step on CPU is
+    deterministic, the checkpoint restores every array exactly, and batches depend only on
+    (seed, step)."""
+    config = Config(optimizer="muonbp", period=2, **TINY)
+    whole = train(config, corpus=small_corpus, progress=False, return_params=True)
+    assert whole["steps"][-1]["train_loss"] < whole["steps"][0]["train_loss"]
+
+    ckpt = Config(
+        optimizer="muonbp",
+        period=2,
+        checkpoint_every=3,
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        **TINY,
+    )
+    first = train(ckpt, corpus=small_corpus, progress=False, stop_at=3)
+    assert len(first["steps"]) == 3
+    resumed = train(ckpt, corpus=small_corpus, resume=True, progress=False, return_params=True)
+    _assert_trees_equal(whole["params"], resumed["params"])
+    assert [s["train_loss"] for s in resumed["steps"]] == [s["train_loss"] for s in whole["steps"]]
+
+    changed = Config(
+        optimizer="muonbp",
+        period=2,
+        lr=0.5,
+        checkpoint_every=3,
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        **TINY,
+    )
+    with pytest.raises(ValueError, match="different configuration.*lr"):
+        train(changed, corpus=small_corpus, resume=True, progress=False)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--compare", "muonbp,sgd"], "unknown optimizer sgd"),
+        (["--mesh", "4x4"], "--mesh 4x4 needs 16 devices but jax has 8"),
+        (["--data", "/no/such/corpus"], "--data /no/such/corpus: no such file or folder"),
+        (["--heads", "3"], "not divisible"),
+    ],
+)
+def test_bad_arguments_one_line(args, message, tmp_path):
+    proc = run_cli(*args, "--out", str(tmp_path), timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("train_lm.py: error:") and message in last, proc.stderr
+
+
+def test_data_split_and_order(tmp_path):
+    text = bytes(range(256)) * 40
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(text)
+    corpus = data.load_corpus(path)
+    cut = len(text) * 9 // 10
+    assert corpus.train.tobytes() == text[:cut] and corpus.val.tobytes() == text[cut:]
+
+    x, y = data.train_batch(corpus, seed=1, step=7, batch=3, seq=5)
+    x2, _ = data.train_batch(corpus, seed=1, step=7, batch=3, seq=5)
+    x3, _ = data.train_batch(corpus, seed=1, step=8, batch=3, seq=5)
+    np.testing.assert_array_equal(x, x2)
+    assert not np.array_equal(x, x3)
+    np.testing.assert_array_equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
+
+
+def test_default_corpus_is_the_stdlib():
+    corpus = data.load_corpus()
+    assert "standard library" in corpus.source
+    assert len(corpus.train) > 1_000_000 and len(corpus.val) > 50_000
+    sample = corpus.train[:100_000].tobytes().decode("utf-8", errors="replace")
+    assert "def " in sample and "import " in sample
