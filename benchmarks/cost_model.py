@@ -59,7 +59,8 @@ class Matrix:
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-    """A Llama-shaped decoder: grouped-query attention, gated MLP, untied embedding and head."""
+    """A Llama-shaped decoder: grouped-query attention, gated MLP, embedding and output head
+    (one shared matrix when `tied`)."""
 
     name: str
     d: int
@@ -68,6 +69,7 @@ class Model:
     heads: int
     kv_heads: int
     vocab: int
+    tied: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -89,7 +91,7 @@ class Model:
 
     def embedding_params(self) -> int:
         """Embedding and output head (AdamW, vocab-parallel)."""
-        return 2 * self.vocab * self.d
+        return (1 if self.tied else 2) * self.vocab * self.d
 
     def norm_params(self) -> int:
         """RMSNorm scales (AdamW, replicated)."""
@@ -105,7 +107,7 @@ class Model:
 # Llama 3 shapes (Llama 3 herd, arXiv 2407.21783, Table 3; 1B: Llama 3.2 1B model card), and the
 # 1.2 B tree that benchmarks/bench_step.py times (full multi-head attention, 32000 tokens).
 MODELS = {
-    "1b": Model("Llama-3.2-1B", 2048, 8192, 16, 32, 8, 128256),
+    "1b": Model("Llama-3.2-1B", 2048, 8192, 16, 32, 8, 128256, tied=True),
     "8b": Model("Llama-3-8B", 4096, 14336, 32, 32, 8, 128256),
     "70b": Model("Llama-3-70B", 8192, 28672, 80, 64, 8, 128256),
     "bench1.2b": Model("bench-1.2B", 2048, 8192, 16, 16, 16, 32000),
@@ -659,9 +661,11 @@ def _param_tree(model: Model, dtype):
         params[f"layer{i}"], specs[f"layer{i}"] = layer, layer_specs
     key, k1, k2 = jax.random.split(key, 3)
     params["embed"] = jax.random.normal(k1, (model.vocab, model.d), dtype)
-    params["head"] = jax.random.normal(k2, (model.d, model.vocab), dtype)
     params["norm"] = jnp.ones((model.d,), dtype)
-    specs.update(embed=row, head=col, norm=P())
+    specs.update(embed=row, norm=P())
+    if not model.tied:
+        params["head"] = jax.random.normal(k2, (model.d, model.vocab), dtype)
+        specs["head"] = col
     return params, specs
 
 
