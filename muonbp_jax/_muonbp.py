@@ -171,10 +171,14 @@ def scale_by_muonbp(
         mu = optax.tree.update_moment(updates, state.mu, beta, 1)
         count_inc = optax.safe_increment(state.count)
         if nesterov:
+            # The scalar factors are combined first: dividing g by 1 - beta**t before multiplying
+            # by 1 - beta (optax's order) overflows for |g| above ~1e37.
+            t = count_inc.astype(jnp.float32)
+            mu_coef, g_coef = beta / (1 - beta ** (t + 1)), (1 - beta) / (1 - beta**t)
             mu_hat = jax.tree.map(
-                lambda m, g: beta * m + (1 - beta) * g,
-                optax.tree.bias_correction(mu, beta, optax.safe_increment(count_inc)),
-                optax.tree.bias_correction(updates, beta, count_inc),
+                lambda m, g: (mu_coef * m + g_coef * g).astype(jnp.result_type(m, g)),
+                mu,
+                updates,
             )
         else:
             mu_hat = optax.tree.bias_correction(mu, beta, count_inc)

@@ -89,6 +89,15 @@ def _newton_schulz_step(x: jax.Array, a: float, b: float, c: float) -> jax.Array
 
 def _precondition(x: jax.Array, preconditioning: str, eps: float) -> jax.Array:
     """Scales x (float32) so that its spectral norm is at most 1."""
+    # Squares overflow float32 above ~1.8e19 (a 1e30 gradient gave a zero update) and underflow
+    # below ~1e-19, so norms are taken of x / max|x| per matrix, with eps rescaled to match:
+    # the result is still x / (norm(x) + eps), or x·rsqrt(max(·, eps)) for the Gram forms.
+    peak = jnp.max(jnp.abs(x), axis=(-2, -1), keepdims=True)
+    peak = jnp.where(peak > 0, peak, 1.0)  # zero and NaN matrices pass through as they are
+    # Two divisions by sqrt(peak): XLA turns x / peak into x · (1 / peak), and 1 / peak is
+    # subnormal (flushed to zero on CPU) for peak > 2**126.
+    root = jnp.sqrt(peak)
+    x, eps_gram, eps = x / root / root, eps / jnp.square(peak), eps / peak
     if preconditioning == "frobenius":
         norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True))
         return x / (norm + eps)
@@ -99,13 +108,13 @@ def _precondition(x: jax.Array, preconditioning: str, eps: float) -> jax.Array:
         # Almost-orthogonal-layer rescaling (Boissin et al. 2025, arXiv 2512.04632): scale row i
         # by 1/sqrt(Σ_j |XXᵀ|_ij), which bounds the spectral norm by 1.
         gram = x @ jnp.swapaxes(x, -1, -2)
-        rows = jnp.maximum(jnp.sum(jnp.abs(gram), axis=-1, keepdims=True), eps)
+        rows = jnp.maximum(jnp.sum(jnp.abs(gram), axis=-1, keepdims=True), eps_gram)
         return x * jax.lax.rsqrt(rows)
     if preconditioning == "schatten":
         # Schatten-4 norm ‖XXᵀ‖_F^(1/2) ≥ ‖X‖₂ (Grishina et al. 2025, arXiv 2506.10935).
         gram = x @ jnp.swapaxes(x, -1, -2)
         norm = jnp.sqrt(jnp.sum(jnp.square(gram), axis=(-2, -1), keepdims=True))
-        return x * jax.lax.rsqrt(jnp.maximum(norm, eps))
+        return x * jax.lax.rsqrt(jnp.maximum(norm, eps_gram))
     raise ValueError(f"Unknown preconditioning {preconditioning!r}; use one of {PRECONDITIONINGS}.")
 
 
