@@ -87,6 +87,21 @@ def _static_ns_steps(ns_steps: Any) -> int:
     return int(ns_steps)
 
 
+def _static_dtype(dtype: Any, name: str) -> Any:
+    if dtype is None:
+        return None
+    if isinstance(dtype, (jax.Array, np.ndarray)):
+        # optax.inject_hyperparams calls any callable argument as a schedule, and jnp.float32
+        # is callable: what arrives is an array, the dtype itself is lost.
+        raise TypeError(
+            f"{name} arrived as an array ({dtype!r}), as happens when "
+            f"optax.inject_hyperparams mistakes a dtype such as jnp.float32 for a schedule; "
+            f"pass it as a string ({name}='float32') or keep it static with "
+            f"static_args=('{name}',)."
+        )
+    return jnp.dtype(dtype)
+
+
 def scale_by_muonbp(
     ns_coeffs: Coeffs = "jordan",
     ns_steps: int | None = None,
@@ -99,7 +114,7 @@ def scale_by_muonbp(
     adaptive: bool = False,
     preconditioning: Preconditioning = "frobenius",
     consistent_rms: float | None = 0.2,
-    ns_dtype: Any = jnp.bfloat16,
+    ns_dtype: Any = "bfloat16",
     weight_dimension_numbers: Any = None,
     specs: Any = None,
     mesh: Any = None,
@@ -146,6 +161,8 @@ def scale_by_muonbp(
         raise ValueError(
             f"full_strategy must be one of {_sharding.FULL_STRATEGIES}, got {full_strategy!r}."
         )
+    ns_dtype = _static_dtype(ns_dtype, "ns_dtype")
+    mu_dtype = _static_dtype(mu_dtype, "mu_dtype")
     mu_dtype = jax.dtypes.canonicalize_dtype(mu_dtype) if mu_dtype is not None else None
     plan = functools.partial(
         _sharding.plan,
@@ -293,7 +310,7 @@ def muonbp(
     adam_learning_rate: optax.ScalarOrSchedule | None = None,
     muon_weight_dimension_numbers: Any = None,
     consistent_rms: float | None = 0.2,
-    ns_dtype: Any = jnp.bfloat16,
+    ns_dtype: Any = "bfloat16",
     specs: Any = None,
     mesh: Any = None,
     block_grid: Any = None,

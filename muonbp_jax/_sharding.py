@@ -129,13 +129,22 @@ def check_paths_cover(option: Any, params: Any, *, name: str, is_value) -> None:
     flat, _ = jax.tree_util.tree_flatten_with_path(
         option, is_leaf=lambda x: x is None or is_value(x)
     )
-    for p, _ in flat:
-        path = path_names(p)
-        if path not in prefixes:
-            raise ValueError(
-                f"{name} has an entry {path_str(path)!r} that matches no parameter; parameter "
-                f"paths look like {path_str(sorted(param_paths)[0])!r}."
-            )
+    entries = {path_names(p) for p, _ in flat}
+    for path in sorted(entries - prefixes):
+        # A misspelled key usually leaves a parameter without an entry: name it too.
+        uncovered = [
+            path_str(q)
+            for q in sorted(param_paths)
+            if not any(q[:k] in entries for k in range(len(q) + 1))
+        ]
+        hint = (
+            f"parameters without an entry: {', '.join(map(repr, uncovered[:8]))}"
+            if uncovered
+            else f"parameter paths look like {path_str(sorted(param_paths)[0])!r}"
+        )
+        raise ValueError(
+            f"{name} has an entry {path_str(path)!r} that matches no parameter; {hint}."
+        )
 
 
 # ----------------------------------------------------------------------------- layouts
