@@ -16,6 +16,7 @@ import numpy as np
 
 Coeffs = Union[str, Sequence[float], Sequence[Sequence[float]], np.ndarray, jax.Array]
 Preconditioning = Literal["frobenius", "spectral", "aol", "schatten"]
+Method = Literal["newton_schulz", "gram"]
 
 # Keller Jordan's quintic coefficients (modded-nanogpt, 2024), repeated every step.
 _JORDAN = (3.4445, -4.7750, 2.0315)
@@ -55,6 +56,7 @@ NS_COEFFS_PRESETS: dict[str, tuple] = {
     "dion": _DION,
 }
 PRECONDITIONINGS = ("frobenius", "spectral", "aol", "schatten")
+NS_METHODS = ("newton_schulz", "gram")
 
 
 def coefficient_schedule(ns_coeffs: Coeffs, ns_steps: int) -> np.ndarray:
@@ -85,6 +87,56 @@ def _newton_schulz_step(x: jax.Array, a: float, b: float, c: float) -> jax.Array
     # Quintic step X ← aX + (bA + cA²)X with A = XXᵀ, for X of shape (..., m, n), m ≤ n.
     gram = x @ jnp.swapaxes(x, -1, -2)
     return a * x + (b * gram + c * gram @ gram) @ x
+
+
+def _gram_restarts(steps: int) -> tuple[int, ...]:
+    # Iterations before which the Gram form rebuilds X and XXᵀ from scratch: after 2 (the
+    # schedule Zhang, Amsel, Chen and Dao 2026 use for five steps), then every 3.
+    return tuple(range(2, steps, 3))
+
+
+def newton_schulz_flops(m: int, n: int, steps: int, method: Method = "newton_schulz") -> int:
+    """Matmul FLOPs of orthogonalizing one m×n matrix (m ≤ n) with `steps` iterations."""
+    m, n = min(m, n), max(m, n)
+    if method == "newton_schulz":
+        return steps * (4 * m * m * n + 2 * m**3)
+    restarts = _gram_restarts(steps)
+    # XXᵀ at the start and Q·X at the end, plus Q·X and XXᵀ at every restart.
+    rectangular = (2 + 2 * len(restarts)) * 2 * m * m * n
+    square = 0
+    for i in range(steps):
+        opens_window = i == 0 or i in restarts
+        closes_window = i == steps - 1 or i + 1 in restarts
+        square += 1 + (not opens_window) + 2 * (not closes_window)
+    return rectangular + square * 2 * m**3
+
+
+def _uses_gram(m: int, n: int, steps: int) -> bool:
+    return newton_schulz_flops(m, n, steps, "gram") < newton_schulz_flops(m, n, steps)
+
+
+def _gram_newton_schulz(x: jax.Array, schedule: np.ndarray) -> jax.Array:
+    """The quintic iteration of `_newton_schulz_step`, carried out on the m×m Gram matrix.
+
+    Every iterate is X_k = Q_k·X for a polynomial Q_k of R = XXᵀ, and p(A)·X with A = X_kX_kᵀ
+    only needs A. So the m×n matrix is touched only to form R and to apply Q at the end:
+    O(m³) per iteration instead of O(m²n) (Zhang, Amsel, Chen and Dao 2026, "Gram
+    Newton–Schulz"). R's recursion loses accuracy in half precision (its eigenvalues are the
+    squared singular values), so X and R are rebuilt at the restarts of `_gram_restarts`.
+    """
+    eye = jnp.eye(x.shape[-2], dtype=x.dtype)
+    gram = x @ jnp.swapaxes(x, -1, -2)
+    restarts, q = _gram_restarts(len(schedule)), None
+    for i, (a, b, c) in enumerate(schedule):
+        if i in restarts:
+            x = q @ x
+            gram, q = x @ jnp.swapaxes(x, -1, -2), None
+        poly = float(b) * gram + float(c) * (gram @ gram) + float(a) * eye
+        # All iterates are polynomials of R, so Q and the step polynomial commute.
+        q = poly if q is None else q @ poly
+        if i + 1 < len(schedule) and i + 1 not in restarts:
+            gram = poly @ (gram @ poly)
+    return q @ x
 
 
 def _precondition(x: jax.Array, preconditioning: str, eps: float) -> jax.Array:
@@ -126,11 +178,20 @@ def orthogonalize(
     eps: float = 1e-8,
     preconditioning: Preconditioning = "frobenius",
     dtype: jnp.dtype | None = jnp.bfloat16,
+    method: Method = "newton_schulz",
 ) -> jax.Array:
     """Approximately orthogonalizes the last two axes of `x` by Newton–Schulz iterations.
 
     Leading axes are batch axes: each matrix is treated independently, in one batched call.
     The input is normalized in float32, iterated in `dtype`, and returned in `x.dtype`.
+
+    `method="gram"` computes the same polynomial of X (equal in exact arithmetic) by iterating
+    on the m×m Gram matrix XXᵀ (m ≤ n), with restarts: fewer FLOPs when n ≥ 2m (e.g. 60 vs 90
+    m³ for n = 4m, five steps); matrices where it would not save FLOPs use the plain
+    iteration. In half precision its iterations run in float16 even when `dtype` is bfloat16:
+    the Gram matrix squares the condition number, and bfloat16's 8-bit mantissa was measured to
+    push singular values of heavy-tailed matrices up to ~2 (float16: within the plain
+    iteration's band, at the same matmul speed on GPUs; on TPUs prefer the plain iteration).
 
     Args:
       x: array of shape (..., m, n).
@@ -140,6 +201,7 @@ def orthogonalize(
       eps: added to the normalizer so that a zero matrix maps to zero.
       preconditioning: how X is scaled below spectral norm 1 before iterating, as in optax.
       dtype: dtype of the matmuls (None: float32).
+      method: `"newton_schulz"` (iterate on X) or `"gram"` (iterate on XXᵀ, see above).
 
     Returns:
       An array like `x` whose matrices have singular values near 1 (in [0.7, 1.2] for the
@@ -147,13 +209,20 @@ def orthogonalize(
     """
     if x.ndim < 2:
         raise ValueError(f"orthogonalize needs an array of rank >= 2, got shape {x.shape}.")
+    if method not in NS_METHODS:
+        raise ValueError(f"Unknown Newton–Schulz method {method!r}; use one of {NS_METHODS}.")
     schedule = coefficient_schedule(ns_coeffs, ns_steps)
-    compute_dtype = jnp.float32 if dtype is None else dtype
+    compute_dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
     transposed = x.shape[-2] > x.shape[-1]
     y = jnp.swapaxes(x, -1, -2) if transposed else x
+    gram = method == "gram" and _uses_gram(*y.shape[-2:], len(schedule))
+    if gram and compute_dtype == jnp.bfloat16:
+        compute_dtype = jnp.dtype(jnp.float16)
     y = _precondition(y.astype(jnp.float32), preconditioning, eps)
     y = y.astype(compute_dtype)
-    if len(set(map(tuple, schedule))) == 1:
+    if gram:
+        y = _gram_newton_schulz(y, schedule)
+    elif len(set(map(tuple, schedule))) == 1:
         a, b, c = (float(v) for v in schedule[0])
         y = jax.lax.fori_loop(
             0, len(schedule), lambda _, z: _newton_schulz_step(z, a, b, c), y, unroll=True

@@ -15,12 +15,14 @@ can scale each update by the shape of what was orthogonalized.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from optax.contrib import MuonDimensionNumbers
 
@@ -31,7 +33,7 @@ Mesh = jax.sharding.Mesh | jax.sharding.AbstractMesh
 Path = tuple[str, ...]
 Grid = tuple[int, int]
 
-FULL_STRATEGIES = ("gather",)
+FULL_STRATEGIES = ("gather", "all_to_all", "auto")
 
 _SPECS_HELP = (
     "Pass specs= (a tree of PartitionSpec matched to the parameters by key path, or a callable "
@@ -435,7 +437,175 @@ def _full_step_gather(leaves, layouts, mesh, orth):
     return _on_mesh(local, mesh, layouts, leaves)
 
 
-_FULL_STEPS = {"gather": _full_step_gather}
+# ----------------------------------------------------------------------------- full step by
+# all-to-all: whole matrices spread over the devices that share them, no redundant work.
+
+
+def _matrix_axes(lay: Layout) -> tuple[int, ...]:
+    return lay.reduction_axes + lay.output_axes
+
+
+def _cuts(lay: Layout) -> tuple[tuple[str, ...], ...]:
+    """Per matrix axis, the mesh axes that cut it (batch-axis sharding needs no exchange)."""
+    if lay.spec is None:
+        return tuple(() for _ in _matrix_axes(lay))
+    return tuple(_entry_axes(lay.spec[a]) for a in _matrix_axes(lay))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Exchange:
+    """Same-shape matrices of leaves cut the same way: one all-to-all gives each of the K
+    devices that share them whole matrices for 1/K of the group (zero-padded: NS(0) = 0)."""
+
+    members: tuple[int, ...]  # leaf indices
+    cuts: tuple[tuple[str, ...], ...]
+    count: int  # matrices in the group, per device before the exchange
+    parts: int  # K
+
+    @property
+    def axes(self) -> tuple[str, ...]:  # the all-to-all's axes; device order = tuple order
+        return tuple(a for c in self.cuts for a in c)
+
+    @property
+    def per_device(self) -> int:
+        return -(-self.count // self.parts)
+
+
+def _exchanges(leaves, layouts, mesh: Mesh, min_count: int) -> list[_Exchange]:
+    groups: dict[tuple, list[int]] = {}
+    for i, (x, lay) in enumerate(zip(leaves, layouts)):
+        if any(_cuts(lay)):
+            mx = _matrix_axes(lay)
+            key = (_cuts(lay), tuple(lay.shape[a] for a in mx), len(lay.reduction_axes), x.dtype)
+            groups.setdefault(key, []).append(i)
+    found = []
+    for (cuts, *_), members in groups.items():
+        count = sum(math.prod(layouts[i].local_shape(mesh)[a] for a in layouts[i].batch_axes)
+                    for i in members)
+        if count >= min_count:
+            parts = math.prod(_axes_size(mesh, c) for c in cuts)
+            found.append(_Exchange(tuple(members), cuts, count, parts))
+    return found
+
+
+def _pieces(x: jax.Array, lay: Layout) -> jax.Array:
+    """Local leaf -> (local batch, *local matrix axes), batch axes first."""
+    order = lay.batch_axes + _matrix_axes(lay)
+    return x.transpose(order).reshape(-1, *(x.shape[a] for a in _matrix_axes(lay)))
+
+
+def _from_pieces(p: jax.Array, lay: Layout, shape: tuple[int, ...]) -> jax.Array:
+    order = lay.batch_axes + _matrix_axes(lay)
+    return p.reshape(tuple(shape[a] for a in order)).transpose(np.argsort(order))
+
+
+def _cut_order(whole: Sequence[int], cuts, mesh: Mesh) -> tuple[list[int], list[int]]:
+    """For (g, *whole) split into (g, [cut sizes..., tile] per axis): that split shape, and the
+    permutation that brings it to (cut sizes of all axes..., g, *tile)."""
+    shape, cut_dims, tile_dims = [whole[0]], [], []
+    for size, c in zip(whole[1:], cuts):
+        cut_dims += range(len(shape), len(shape) + len(c))
+        shape += [mesh.shape[a] for a in c]
+        tile_dims.append(len(shape))
+        shape.append(size // _axes_size(mesh, c))
+    return shape, cut_dims + [0] + tile_dims
+
+
+def _to_parts(whole: jax.Array, cuts, mesh: Mesh) -> jax.Array:
+    """(g, *whole) -> (K, g, *tile): part k is what device k of the exchange holds."""
+    shape, perm = _cut_order(whole.shape, cuts, mesh)
+    x = whole.reshape(shape).transpose(perm)
+    return x.reshape(-1, *x.shape[len(perm) - len(whole.shape) :])
+
+
+def _from_parts(parts: jax.Array, cuts, mesh: Mesh) -> jax.Array:
+    """(K, g, *tile) -> (g, *whole), the inverse of `_to_parts`."""
+    whole = (parts.shape[1],) + tuple(
+        t * _axes_size(mesh, c) for t, c in zip(parts.shape[2:], cuts)
+    )
+    shape, perm = _cut_order(whole, cuts, mesh)
+    split = parts.reshape(tuple(shape[p] for p in perm))
+    return split.transpose(np.argsort(perm)).reshape(whole)
+
+
+def _all_to_all_many(parts: list[jax.Array], axes: list[tuple[str, ...]]) -> list[jax.Array]:
+    """Exchanges part k of each (K, ...) array with device k of its axes; arrays with the same
+    axes and dtype travel in one all-to-all."""
+    buckets: dict[tuple, list[int]] = {}
+    for i, (p, ax) in enumerate(zip(parts, axes)):
+        buckets.setdefault((ax, p.dtype), []).append(i)
+    out: list[jax.Array | None] = [None] * len(parts)
+    for (ax, _), members in buckets.items():
+        flat = [parts[i].reshape(parts[i].shape[0], -1) for i in members]
+        moved = jax.lax.all_to_all(jnp.concatenate(flat, axis=1), ax, 0, 0, tiled=True)
+        offsets = np.cumsum([0] + [f.shape[1] for f in flat])
+        for i, lo, hi in zip(members, offsets[:-1], offsets[1:]):
+            out[i] = moved[:, lo:hi].reshape(parts[i].shape)
+    return out
+
+
+def _full_step_exchange(leaves, layouts, mesh, orth, min_count: int):
+    """Full step where groups of at least `min_count` same-shape matrices are spread by
+    all-to-all; other leaves gather their matrix axes only (batch axes stay sharded)."""
+    exchanges = _exchanges(leaves, layouts, mesh, min_count)
+    exchanged = {i for e in exchanges for i in e.members}
+    kept = [i for i in range(len(layouts)) if i not in exchanged]
+    matrix_spec = [
+        tuple(e if a in _matrix_axes(lay) else None for a, e in enumerate(lay.spec))
+        if lay.spec is not None else None
+        for lay in layouts
+    ]
+
+    def local(xs):
+        sends = []
+        for e in exchanges:
+            pieces = jnp.concatenate([_pieces(xs[i], layouts[i]) for i in e.members])
+            padding = e.per_device * e.parts - e.count
+            pieces = jnp.pad(pieces, [(0, padding)] + [(0, 0)] * (pieces.ndim - 1))
+            sends.append(pieces.reshape(e.parts, e.per_device, *pieces.shape[1:]))
+        received = _all_to_all_many(sends, [e.axes for e in exchanges])
+        whole = [_from_parts(r, e.cuts, mesh) for r, e in zip(received, exchanges)]
+        mats = [_as_matrices(w, layouts[e.members[0]]) for w, e in zip(whole, exchanges)]
+        gathered = [_gather(xs[i], matrix_spec[i]) if matrix_spec[i] else xs[i] for i in kept]
+        mats += [_to_matrices(g, layouts[i]) for g, i in zip(gathered, kept)]
+        mats = orthogonalize_many(mats, orth)
+
+        outs: list[jax.Array | None] = [None] * len(xs)
+        back = [
+            _to_parts(m.reshape(w.shape), e.cuts, mesh)
+            for m, w, e in zip(mats, whole, exchanges)
+        ]
+        for r, e in zip(_all_to_all_many(back, [e.axes for e in exchanges]), exchanges):
+            pieces = r.reshape(-1, *r.shape[2:])[: e.count]
+            offset = 0
+            for i in e.members:
+                n = math.prod(xs[i].shape[a] for a in layouts[i].batch_axes)
+                outs[i] = _from_pieces(pieces[offset : offset + n], layouts[i], xs[i].shape)
+                offset += n
+        for m, g, i in zip(mats[len(exchanges) :], gathered, kept):
+            o = _from_matrices(m, layouts[i], g.shape)
+            outs[i] = _local_part(o, matrix_spec[i], mesh) if matrix_spec[i] else o
+        return outs
+
+    return _on_mesh(local, mesh, layouts, leaves)
+
+
+def _as_matrices(whole: jax.Array, lay: Layout) -> jax.Array:
+    """(g, *whole matrix axes) -> (g, rows, cols)."""
+    rows = math.prod(whole.shape[1 : 1 + len(lay.reduction_axes)])
+    return whole.reshape(whole.shape[0], rows, -1)
+
+
+# "auto": a group of G same-shape matrices shared by K devices costs per device, by gather,
+# G orthogonalizations and (K-1)/K·G matrices received; by all-to-all, ceil(G/K) and
+# 2·(K-1)/K·ceil(G/K) matrices moved. For G >= 2 the all-to-all is no worse on both counts;
+# for a lone matrix it moves twice the bytes for the same work, so it is gathered
+# (benchmarks/bench_sharded.py measures both; figures in benchmarks/RESULTS.md).
+_FULL_STEPS = {
+    "gather": _full_step_gather,
+    "all_to_all": functools.partial(_full_step_exchange, min_count=1),
+    "auto": functools.partial(_full_step_exchange, min_count=2),
+}
 
 
 def full_step(
