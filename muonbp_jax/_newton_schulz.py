@@ -248,7 +248,9 @@ def orthogonalize_many(
         groups.setdefault((*m.shape[-2:], m.dtype), []).append(i)
     out: list[jax.Array | None] = [None] * len(wide)
     for members in groups.values():
-        stacked = jnp.concatenate([wide[i] for i in members]) if len(members) > 1 else wide[members[0]]
+        stacked = (
+            jnp.concatenate([wide[i] for i in members]) if len(members) > 1 else wide[members[0]]
+        )
         result = orth(stacked)
         offset = 0
         for i in members:
@@ -256,6 +258,5 @@ def orthogonalize_many(
             out[i] = result[offset : offset + n]
             offset += n
     return [
-        jnp.swapaxes(o, -1, -2) if m.shape[-2] > m.shape[-1] else o
-        for o, m in zip(out, matrices)
+        jnp.swapaxes(o, -1, -2) if m.shape[-2] > m.shape[-1] else o for o, m in zip(out, matrices)
     ]
