@@ -220,6 +220,35 @@ def _concrete_sharding_is_split(x: Any) -> bool:
     return len(sharding.device_set) > 1 and not sharding.is_fully_replicated
 
 
+def _check_dtype(path: Path, x: Any) -> None:
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"Parameter {path_str(path)!r} has dtype {dtype}, but Muon orthogonalizes real "
+            "floating-point matrices (an integer one cannot take its updates; a complex one "
+            "would need conjugate transposes). Keep it away from Muon: None for that leaf in "
+            "muon_weight_dimension_numbers, or optax.partition/optax.masked around the optimizer."
+        )
+
+
+def _check_declared_spec(path: Path, x: Any, spec: tuple[Any, ...]) -> None:
+    """A concrete leaf split over several devices must be split as `specs` says: shard_map
+    would otherwise reshard it silently and orthogonalize blocks that no device holds."""
+    if not _concrete_sharding_is_split(x) or not isinstance(x.sharding, NamedSharding):
+        return
+    try:
+        same = x.sharding.is_equivalent_to(NamedSharding(x.sharding.mesh, P(*spec)), x.ndim)
+    except ValueError:  # the array's mesh lacks an axis that the spec names
+        same = False
+    if not same:
+        raise ValueError(
+            f"specs gives {path_str(path)!r} the sharding {P(*spec)}, but the array is sharded "
+            f"as {x.sharding.spec}. Block steps orthogonalize the blocks the spec describes, so "
+            "the two must agree: pass the spec the parameter has (muonbp_jax.partition_specs("
+            "params) reads them off concrete arrays) or reshard the parameter."
+        )
+
+
 def _context_mesh() -> Mesh | None:
     mesh = jax.sharding.get_abstract_mesh()
     return None if mesh.empty else mesh
@@ -261,6 +290,7 @@ def plan(
     meshes: set[Mesh] = set()
     resolved: list[tuple[Any, ...] | None] = []
     for path, x, spec in zip(paths, leaves, user_specs):
+        _check_dtype(path, x)
         typed = _type_sharding(x)
         if spec is not None:
             resolved.append(tuple(spec))
@@ -293,6 +323,8 @@ def plan(
     layouts = []
     for path, x, spec, dim, grid in zip(paths, leaves, resolved, dims, grids):
         layouts.append(_layout(path, tuple(x.shape), dim, spec, grid, the_mesh))
+        if specs is not None and spec is not None:
+            _check_declared_spec(path, x, spec)
     return the_mesh, layouts
 
 
