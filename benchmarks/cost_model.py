@@ -33,7 +33,8 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-FULL_STRATEGIES = ("gather", "all_to_all")
+FULL_STRATEGIES = ("gather", "all_to_all", "auto")
+TABULATED = ("gather", "all_to_all")  # "auto" equals "all_to_all" when every layer has a twin
 NS_STEPS = 5
 TOLERANCE = 0.05  # "within 5% of AdamW"
 
@@ -230,30 +231,39 @@ def block_step(model: Model, mesh: MeshShape, s: Settings = Settings()) -> StepC
 
 
 def full_step(model: Model, mesh: MeshShape, strategy: str, s: Settings = Settings()) -> StepCost:
-    """A full step. With one shard per matrix both strategies orthogonalize locally."""
+    """A full step, grouped as muonbp_jax groups it: matrices of one shape cut the same way (k
+    and v; gate and up) are one exchange group; `auto` exchanges groups of two or more and
+    gathers lone matrices. With one shard per matrix every strategy orthogonalizes locally."""
     if strategy not in FULL_STRATEGIES:
         raise ValueError(f"strategy must be one of {FULL_STRATEGIES}, got {strategy!r}")
     cost = StepCost(f"full_{strategy}", [])
     g = mesh.shards
-    whole = _grouped((m.rows, m.cols, m.count) for m in model.matrices())
     if g == 1:
+        whole = _grouped((m.rows, m.cols, m.count) for m in model.matrices())
         cost.add_groups(whole, s.ns_steps, s.ns_itemsize)
-    elif strategy == "gather":
-        cost.add_groups(whole, s.ns_steps, s.ns_itemsize)
-        for m in model.matrices():
-            cost.link_bytes += m.count * m.size * (g - 1) // g * s.comm_itemsize
-            sharded_axes = (mesh.tp > 1) + (mesh.fsdp > 1)
-            cost.collectives += m.count * sharded_axes
-    else:
-        # Pad each group to a multiple of g (the padding matrices are zeros: NS(0) = 0, but they
-        # are still sent and multiplied); each device keeps 1/g of every other device's tiles,
-        # there and back.
-        per_device = [Group(w.short, w.long, math.ceil(w.count / g)) for w in whole]
-        cost.add_groups(per_device, s.ns_steps, s.ns_itemsize)
-        for w in per_device:
-            padded = w.count * g
-            cost.link_bytes += 2 * padded * w.short * w.long * (g - 1) // (g * g) * s.comm_itemsize
-            cost.collectives += 2
+        return _with_elementwise(cost, model, mesh, s)
+    groups: dict[tuple[int, int, str], int] = {}
+    for m in model.matrices():
+        key = (m.rows, m.cols, m.parallel)
+        groups[key] = groups.get(key, 0) + m.count
+    exchanged_kinds = set()
+    for (rows, cols, parallel), count in groups.items():
+        if strategy == "gather" or (strategy == "auto" and count < 2):
+            cost.add_groups([Group(*sorted((rows, cols)), count)], s.ns_steps, s.ns_itemsize)
+            cost.link_bytes += count * rows * cols * (g - 1) // g * s.comm_itemsize
+            cost.collectives += count * ((mesh.tp > 1) + (mesh.fsdp > 1))
+        else:
+            # Zero-padded to a multiple of g (NS(0) = 0, but padding is sent and multiplied):
+            # each device sends `per` tiles to each of the g - 1 others, and gets them back.
+            per = math.ceil(count / g)
+            cost.add_groups([Group(*sorted((rows, cols)), per)], s.ns_steps, s.ns_itemsize)
+            cost.link_bytes += 2 * per * (g - 1) * (rows * cols // g) * s.comm_itemsize
+            exchanged_kinds.add(parallel)
+    # One all-to-all there and one back per set of mesh axes: column- and row-parallel tiles
+    # are cut by the same axes unless FSDP cuts the other dimension too.
+    cost.collectives += 2 * (
+        len(exchanged_kinds) if mesh.fsdp > 1 else min(1, len(exchanged_kinds))
+    )
     return _with_elementwise(cost, model, mesh, s)
 
 
@@ -399,7 +409,7 @@ PERIODS = (1, 2, 4, 5, 8, 16, None)
 
 def analyze(sc: Scenario, s: Settings = Settings()) -> dict:
     m, mesh, hw = sc.model, sc.mesh, sc.hw
-    kinds = ["block", "adamw"] + [f"full_{strat}" for strat in FULL_STRATEGIES]
+    kinds = ["block", "adamw"] + [f"full_{strat}" for strat in TABULATED]
     costs = {k: step_cost(k, m, mesh, s) for k in kinds}
     times = {k: step_time(c, hw, s) for k, c in costs.items()}
     adam = times["adamw"]["total"]
@@ -428,7 +438,7 @@ def analyze(sc: Scenario, s: Settings = Settings()) -> dict:
         "strategies": {},
     }
     block = times["block"]["total"]
-    for strat in FULL_STRATEGIES:
+    for strat in TABULATED:
         full = times[f"full_{strat}"]["total"]
         opt_p = break_even_period(block, full, (1 + TOLERANCE) * adam)
         # Training step: fwd_bwd + optimizer; within 5% of AdamW's training step.

@@ -87,16 +87,27 @@ def test_full_gather_counts_every_whole_matrix_and_its_missing_shards():
 def test_full_all_to_all_spreads_groups_with_padding():
     mesh = cm.MeshShape(tp=4)
     cost = cm.full_step(TINY, mesh, "all_to_all")
-    # Wide groups: 8x8 (q, o): 2 -> 1 per device; 4x8 (k, v): 2 -> 1; 8x16 (gate, up, down):
-    # 3 -> 1 per device, padded to 4.
-    assert cost.ns_flops == _ns((8, 8)) + _ns((4, 8)) + _ns((8, 16))
-    # Each device sends and receives 3/4 of its tiles of the padded group, twice (there and
-    # back): per group 2 · padded · rows · cols / 4 · 3/4 floats.
-    per_group = [4 * 64, 4 * 32, 4 * 128]
-    assert cost.link_bytes == sum(2 * e * 3 // 16 * 4 for e in per_group)
-    assert cost.collectives == 6
+    # Exchange groups (same shape, same cut): q; k+v; o; gate+up; down. Each has at most 4
+    # matrices, so after padding to 4 every device orthogonalizes one whole matrix per group.
+    assert cost.ns_flops == 2 * _ns((8, 8)) + _ns((8, 4)) + 2 * _ns((8, 16))
+    # Per group, each device sends one tile (a quarter matrix) to each of the 3 others and gets
+    # as many back: 2 · 3 · size/4 floats.
+    sizes = [64, 32, 64, 128, 128]
+    assert cost.link_bytes == sum(2 * 3 * (size // 4) * 4 for size in sizes)
+    assert cost.collectives == 2  # every tile is cut by the same (tp) axis
     # It never does more Newton–Schulz work than the gather (redundant) full step.
     assert cost.ns_flops < cm.full_step(TINY, mesh, "gather").ns_flops
+
+
+def test_full_auto_gathers_lone_matrices():
+    mesh = cm.MeshShape(tp=4)
+    cost = cm.full_step(TINY, mesh, "auto")
+    # q, o and down are alone in their groups: gathered (3/4 of each received); k+v and
+    # gate+up are exchanged.
+    gathered = (64 + 64 + 128) * 3 // 4 * 4
+    exchanged = 2 * 3 * (32 // 4) * 4 + 2 * 3 * (128 // 4) * 4
+    assert cost.link_bytes == gathered + exchanged
+    assert cost.collectives == 3 + 2
 
 
 def test_fsdp_splits_the_other_dimension():
