@@ -312,6 +312,14 @@ def plan(
                     f"{len(x.sharding.device_set)} devices, but its PartitionSpec cannot be "
                     "read inside jit on a mesh with Auto axes. " + _SPECS_HELP
                 )
+            context = _context_mesh()
+            if isinstance(x, jax.core.Tracer) and context is not None and context.size > 1:
+                # Treating it as unsharded would quietly turn every block step into a full one.
+                raise ValueError(
+                    f"Parameter {path_str(path)!r} is traced under a mesh of {context.size} "
+                    "devices with Auto axes, where its PartitionSpec cannot be read (use P() "
+                    "for replicated parameters). " + _SPECS_HELP
+                )
             resolved.append(None)
     if len(meshes) > 1:
         raise ValueError(

@@ -236,3 +236,12 @@ def test_auto_mode_without_specs_asks_for_them():
     tx = muonbp_jax.muonbp(0.1)
     with pytest.raises(ValueError, match="specs="):
         tx.init(_sharded_params(_auto_mesh()))
+
+
+def test_auto_mode_under_jit_without_specs_asks_for_them():
+    # Traced leaves show no sharding in Auto mode; under a context mesh of several devices they
+    # must not be taken for unsharded ones (every block step would silently be a full step).
+    mesh = _auto_mesh()
+    tx = muonbp_jax.muonbp(0.1, period=None)
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match="specs="):
+        jax.jit(tx.init)(_sharded_params(mesh))
