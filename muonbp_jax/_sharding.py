@@ -668,6 +668,11 @@ def full_step(
 
 
 def _sharding_for(mesh: Mesh, spec: tuple[Any, ...]):
+    # Without trailing Nones, as jit returns specs: P('x', None) and P('x') are the same
+    # layout but different cache keys, so state placed as P('x', None) recompiled the step.
+    spec = tuple(spec)
+    while spec and spec[-1] is None:
+        spec = spec[:-1]
     if isinstance(mesh, jax.sharding.Mesh):
         return NamedSharding(mesh, P(*spec))
     return P(*spec)  # abstract mesh: resolved against the context mesh
@@ -711,6 +716,12 @@ def place_state_like_params(state: Any, params: Any, specs: Any, mesh: Mesh | No
                 if _type_sharding(x) is None:
                     return jax.lax.with_sharding_constraint(x, _sharding_for(mesh, tuple(hit[1])))
                 return x
+        # Counts and other leaves that mirror no parameter go replicated on the mesh, as the
+        # jitted step returns them: left on one device by an eager init, they made the step
+        # compile again at its second call, and a checkpoint target built from this state
+        # restored them committed to that one device, which the step then refused.
+        if isinstance(x, jax.Array) and _type_sharding(x) is None:
+            return jax.lax.with_sharding_constraint(x, _sharding_for(mesh, ()))
         return x
 
     return jax.tree_util.tree_map_with_path(place, state)
