@@ -1,0 +1,435 @@
+"""One optimizer update on a 1.2B-parameter Llama-shaped tree, on one device.
+
+Measures, in one run and with the same routing for every optimizer (embedding and head to
+AdamW through `muon_weight_dimension_numbers`, norms to AdamW):
+
+* the update time of `optax.contrib.muon`, `optax.adamw` and `muonbp_jax.muonbp` (period=1 in
+  several Newton–Schulz configurations; block steps with block_grid (1, 8) and (8, 1)), median
+  of `--iters` after warm-up, with the compiled executable's peak memory and the state size;
+* the full step of each `full_strategy` on a one-device mesh (time and memory);
+* Newton–Schulz alone on the tree's matrices batched by shape (loop forms, methods,
+  coefficients) and on single 4096-wide matrices, in TFLOP/s against a bf16 matmul measured
+  in the same run;
+* orthogonality of the result (singular values, ‖UUᵀ − I‖, distance to the exact polar
+  factor) for optax's Newton–Schulz and ours, on matrices with three kinds of spectrum.
+
+The tree (REFERENCE §4): d=2048, ffn=8192, 16 layers of q, k, v, o (d×d), up, gate (d×ffn),
+down (ffn×d) and a norm (d); embedding 32000×d and head d×32000; float32.
+
+    python benchmarks/bench_step.py --out bench_step.json   # on a GPU
+    python benchmarks/bench_step.py --small                 # tiny shapes, to try it on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import PartitionSpec as P
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import muonbp_jax
+from benchmarks import _timing
+from muonbp_jax import MuonDimensionNumbers
+from muonbp_jax._newton_schulz import (
+    _newton_schulz_step,
+    _precondition,
+    coefficient_schedule,
+    newton_schulz_flops,
+)
+
+MATRICES = ("q", "k", "v", "o", "up", "gate", "down")
+LR = 1e-3
+NS_STEPS = 5
+GB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    d: int
+    ffn: int
+    layers: int
+    vocab: int
+
+    def layer_shapes(self) -> dict[str, tuple[int, ...]]:
+        d, f = self.d, self.ffn
+        square = {k: (d, d) for k in ("q", "k", "v", "o")}
+        return {**square, "up": (d, f), "gate": (d, f), "down": (f, d), "norm": (d,)}
+
+    def shapes(self) -> dict[str, Any]:
+        layers = {str(i): self.layer_shapes() for i in range(self.layers)}
+        return {"embed": (self.vocab, self.d), "head": (self.d, self.vocab), "layers": layers}
+
+    def matrix_shapes(self) -> list[tuple[int, int]]:
+        """Every Muon matrix, as (rows, cols)."""
+        one = [s for k, s in self.layer_shapes().items() if k in MATRICES]
+        return one * self.layers
+
+
+FULL = Model(d=2048, ffn=8192, layers=16, vocab=32000)
+SMALL = Model(d=128, ffn=512, layers=2, vocab=1000)
+
+
+def is_shape(x: Any) -> bool:
+    return isinstance(x, tuple) and all(isinstance(v, int) for v in x)
+
+
+def routing(model: Model) -> Any:
+    """Muon for the layer matrices, AdamW (None) for everything else."""
+    dims = lambda path, s: (
+        MuonDimensionNumbers() if path[-1].key in MATRICES and len(s) == 2 else None
+    )
+    return jax.tree_util.tree_map_with_path(dims, model.shapes(), is_leaf=is_shape)
+
+
+def random_tree(model: Model, seed: int, scale: float) -> Any:
+    shapes, treedef = jax.tree.flatten(model.shapes(), is_leaf=is_shape)
+    keys = jax.random.split(jax.random.key(seed), len(shapes))
+    make = jax.jit(lambda k, s: scale * jax.random.normal(k, s), static_argnums=1)
+    return jax.tree.unflatten(treedef, [make(k, s) for k, s in zip(keys, shapes)])
+
+
+def ns_flops(shapes: list[tuple[int, int]], method: str) -> float:
+    return float(sum(newton_schulz_flops(r, c, NS_STEPS, method) for r, c in shapes))
+
+
+def tree_bytes(tree: Any) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
+
+
+# ----------------------------------------------------------------------------- matmul ceiling
+
+
+def matmul_ceiling(n: int, iters: int) -> dict[str, float]:
+    """TFLOP/s of an n³ matmul in bf16 and in float16 (the Gram method's dtype)."""
+    out = {}
+    for name, dtype in (("bf16", jnp.bfloat16), ("f16", jnp.float16)):
+        a = jax.random.normal(jax.random.key(1), (n, n), dtype)
+        b = jax.random.normal(jax.random.key(2), (n, n), dtype)
+        ms = _timing.median_ms(jax.jit(jnp.matmul), a, b, iters=iters)
+        out[name] = 2 * n**3 / ms / 1e9
+    return out
+
+
+# ----------------------------------------------------------------------------- NS engines
+
+
+def rolled_newton_schulz(x: jax.Array, coeffs: str, form: str) -> jax.Array:
+    """`orthogonalize`'s plain bf16 iteration with a rolled loop (`fori_loop` or `scan`) over
+    a coefficient table, to compare loop forms; the library unrolls."""
+    table = jnp.asarray(coefficient_schedule(coeffs, NS_STEPS), jnp.bfloat16)
+    y = _precondition(x.astype(jnp.float32), "frobenius", 1e-8).astype(jnp.bfloat16)
+    step = lambda y, abc: _newton_schulz_step(y, abc[0], abc[1], abc[2])
+    if form == "fori_loop":
+        y = jax.lax.fori_loop(0, NS_STEPS, lambda i, y: step(y, table[i]), y)
+    else:
+        y, _ = jax.lax.scan(lambda y, abc: (step(y, abc), None), y, table)
+    return y.astype(x.dtype)
+
+
+ENGINES = {
+    # name: (method, coefficients, loop form)
+    "plain jordan unrolled": ("newton_schulz", "jordan", "unrolled"),
+    "plain jordan fori_loop": ("newton_schulz", "jordan", "fori_loop"),
+    "plain jordan scan": ("newton_schulz", "jordan", "scan"),
+    "plain polar_express unrolled": ("newton_schulz", "polar_express", "unrolled"),
+    "plain polar_express scan": ("newton_schulz", "polar_express", "scan"),
+    "gram jordan": ("gram", "jordan", "unrolled"),
+    "gram polar_express": ("gram", "polar_express", "unrolled"),
+}
+
+
+def engine(method: str, coeffs: str, form: str):
+    if form == "unrolled":
+        return functools.partial(muonbp_jax.orthogonalize, ns_coeffs=coeffs, method=method)
+    return functools.partial(rolled_newton_schulz, coeffs=coeffs, form=form)
+
+
+def bench_engines(model: Model, iters: int, ceiling: float) -> list[dict[str, Any]]:
+    """Newton–Schulz alone on the tree's matrices, one batched call per shape (wide form)."""
+    groups: dict[tuple[int, int], int] = {}
+    for r, c in model.matrix_shapes():
+        key = (min(r, c), max(r, c))
+        groups[key] = groups.get(key, 0) + 1
+    inputs = [
+        jax.random.normal(jax.random.key(i), (n, *shape), jnp.float32)
+        for i, (shape, n) in enumerate(groups.items())
+    ]
+    rows = []
+    for name in _timing.progress(list(ENGINES), "NS engines"):
+        method, coeffs, form = ENGINES[name]
+        orth = engine(method, coeffs, form)
+        fn = jax.jit(lambda xs, orth=orth: [orth(x) for x in xs])
+        ms = _timing.median_ms(fn, inputs, iters=iters)
+        flops = ns_flops(model.matrix_shapes(), method)
+        plain = ns_flops(model.matrix_shapes(), "newton_schulz")
+        rows.append(
+            {
+                "engine": name,
+                "ms": ms,
+                "TFLOP/s": flops / ms / 1e9,
+                "% of matmul": 100 * flops / ms / 1e9 / ceiling,
+                "plain-equivalent TFLOP/s": plain / ms / 1e9,
+            }
+        )
+    return rows
+
+
+def bench_wide(sizes: list[tuple[int, int]], iters: int, ceiling: float) -> list[dict[str, Any]]:
+    """Single large matrices (REFERENCE §4 sizes): where the ≥ 90%-of-matmul target applies."""
+    rows = []
+    for m, n in sizes:
+        x = jax.random.normal(jax.random.key(m + n), (m, n), jnp.float32)
+        for method in ("newton_schulz", "gram"):
+            fn = jax.jit(functools.partial(muonbp_jax.orthogonalize, method=method))
+            ms = _timing.median_ms(fn, x, iters=iters)
+            flops = newton_schulz_flops(m, n, NS_STEPS, method)
+            used = method == "newton_schulz" or flops < newton_schulz_flops(m, n, NS_STEPS)
+            rows.append(
+                {
+                    "matrix": f"{m}x{n}",
+                    "method": method if used else f"{method} (falls back to plain)",
+                    "ms": ms,
+                    "TFLOP/s": flops / ms / 1e9 if used else None,
+                    "% of matmul": 100 * flops / ms / 1e9 / ceiling if used else None,
+                }
+            )
+    return rows
+
+
+# ----------------------------------------------------------------------------- quality
+
+
+def spectrum_matrix(kind: str, m: int, n: int, seed: int) -> jax.Array:
+    """An m×n float32 matrix: Gaussian entries, or singular values 1/i ('power'), or 16 large
+    and the rest small ('spiked': a low-rank momentum plus noise)."""
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    if kind == "gaussian":
+        return jax.random.normal(k1, (m, n), jnp.float32)
+    u, _ = jnp.linalg.qr(jax.random.normal(k1, (m, m), jnp.float32))
+    v, _ = jnp.linalg.qr(jax.random.normal(k2, (n, m), jnp.float32))
+    if kind == "power":
+        s = 1.0 / jnp.arange(1, m + 1, dtype=jnp.float32)
+    else:
+        s = jnp.where(jnp.arange(m) < 16, 1.0, 0.02) * jnp.exp(0.1 * jax.random.normal(k3, (m,)))
+    return (u * s) @ v.T
+
+
+def optax_orthogonalize(x: jax.Array) -> jax.Array:
+    """optax.contrib's Newton–Schulz as its Muon applies it (momentum off): Jordan
+    coefficients, five steps, in the input's dtype (float32)."""
+    dims = {"w": MuonDimensionNumbers()}
+    tx = optax.contrib.scale_by_muon(beta=0.0, nesterov=False, weight_dimension_numbers=dims)
+    out, _ = tx.update({"w": x}, tx.init({"w": x}))
+    return out["w"]
+
+
+QUALITY_METHODS = {
+    "optax.contrib.muon NS (f32)": optax_orthogonalize,
+    "plain jordan bf16": functools.partial(muonbp_jax.orthogonalize, ns_coeffs="jordan"),
+    "plain polar_express bf16": functools.partial(
+        muonbp_jax.orthogonalize, ns_coeffs="polar_express"
+    ),
+    "gram jordan f16": functools.partial(muonbp_jax.orthogonalize, method="gram"),
+    "gram polar_express f16": functools.partial(
+        muonbp_jax.orthogonalize, ns_coeffs="polar_express", method="gram"
+    ),
+}
+
+
+@jax.jit
+def orthogonality(u: jax.Array, polar: jax.Array) -> dict[str, jax.Array]:
+    hi = jax.lax.Precision.HIGHEST
+    u = u.astype(jnp.float32)
+    uut = jnp.matmul(u, u.T, precision=hi)
+    sv = jnp.sqrt(jnp.clip(jnp.linalg.eigvalsh(uut), 0.0))
+    m = u.shape[0]
+    return {
+        "sigma_min": sv.min(),
+        "sigma_p1": jnp.percentile(sv, 1),
+        "sigma_max": sv.max(),
+        "|UU^T-I|_F/sqrt(m)": jnp.linalg.norm(uut - jnp.eye(m)) / math.sqrt(m),
+        "|U-polar|/|polar|": jnp.linalg.norm(u - polar) / jnp.linalg.norm(polar),
+    }
+
+
+def bench_quality(m: int, n: int) -> list[dict[str, Any]]:
+    rows = []
+    for kind in _timing.progress(["gaussian", "power", "spiked"], "quality"):
+        x = spectrum_matrix(kind, m, n, seed=len(kind))
+        u, _, vt = jnp.linalg.svd(x, full_matrices=False)
+        polar = u @ vt
+        for name, fn in QUALITY_METHODS.items():
+            got = orthogonality(jax.jit(fn)(x), polar)
+            rows.append({"spectrum": kind, "method": name, **{k: float(v) for k, v in got.items()}})
+    return rows
+
+
+# ----------------------------------------------------------------------------- updates
+
+
+def optimizers(model: Model) -> dict[str, tuple[optax.GradientTransformation, str]]:
+    """name -> (transformation, FLOP count key: 'plain', 'gram' or 'block:r,c' or '')."""
+    dims = routing(model)
+    mb = functools.partial(muonbp_jax.muonbp, LR, muon_weight_dimension_numbers=dims)
+    fast = {"ns_coeffs": "polar_express", "ns_method": "gram"}
+    return {
+        "optax.contrib.muon": (optax.contrib.muon(LR, muon_weight_dimension_numbers=dims), "f32"),
+        "optax.adamw": (optax.adamw(LR), ""),
+        "muonbp P=1 jordan plain": (mb(period=1), "plain"),
+        "muonbp P=1 polar_express plain": (mb(period=1, ns_coeffs="polar_express"), "plain"),
+        "muonbp P=1 jordan gram": (mb(period=1, ns_method="gram"), "gram"),
+        "muonbp P=1 polar_express gram": (mb(period=1, **fast), "gram"),
+        "muonbp P=1 polar_express gram mu=bf16": (
+            mb(period=1, mu_dtype=jnp.bfloat16, **fast),
+            "gram",
+        ),
+        "muonbp block (1,8) polar_express gram": (
+            mb(period=None, block_grid=(1, 8), **fast),
+            "block:1,8",
+        ),
+        "muonbp block (8,1) polar_express gram": (
+            mb(period=None, block_grid=(8, 1), **fast),
+            "block:8,1",
+        ),
+    }
+
+
+def strategies(model: Model) -> dict[str, tuple[optax.GradientTransformation, str]]:
+    """Full steps through each strategy's shard_map code on a one-device mesh."""
+    mesh = jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+    specs = jax.tree.map(
+        lambda s: P(None, "model") if len(s) == 2 else P(), model.shapes(), is_leaf=is_shape
+    )
+    kw = {"ns_coeffs": "polar_express", "ns_method": "gram", "specs": specs, "mesh": mesh}
+    return {
+        f"muonbp P=1 full_strategy={s} (1-device mesh)": (
+            muonbp_jax.muonbp(
+                LR, period=1, muon_weight_dimension_numbers=routing(model), full_strategy=s, **kw
+            ),
+            "gram",
+        )
+        for s in muonbp_jax.FULL_STRATEGIES
+    }
+
+
+def update_flops(model: Model, kind: str) -> float | None:
+    if kind in ("plain", "f32"):
+        return ns_flops(model.matrix_shapes(), "newton_schulz")
+    if kind == "gram":
+        return ns_flops(model.matrix_shapes(), "gram")
+    if kind.startswith("block:"):
+        r, c = map(int, kind[6:].split(","))
+        tiles = [(rows // r, cols // c) for rows, cols in model.matrix_shapes()] * (r * c)
+        return ns_flops(tiles, "gram")
+    return None
+
+
+def bench_updates(model: Model, txs: dict, iters: int, warmup: int) -> list[dict[str, Any]]:
+    params = random_tree(model, seed=0, scale=0.02)
+    grads = random_tree(model, seed=1, scale=1e-3)
+    rows = []
+    for name in _timing.progress(list(txs), "updates"):
+        tx, kind = txs[name]
+        state = jax.jit(tx.init)(params)
+        compiled = jax.jit(tx.update).lower(grads, state, params).compile()
+        ms = _timing.median_ms(compiled, grads, state, params, iters=iters, warmup=warmup)
+        memory = _timing.compiled_memory(compiled)
+        flops = update_flops(model, kind)
+        rows.append(
+            {
+                "update": name,
+                "ms": ms,
+                "NS TFLOP/s": flops / ms / 1e9 if flops else None,
+                "peak GB": memory["peak"] / GB if memory else None,
+                "temp GB": memory["temporaries"] / GB if memory else None,
+                "state GB": tree_bytes(state) / GB,
+            }
+        )
+        del state, compiled
+    return rows
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--small", action="store_true", help="tiny shapes (a CPU try-out)")
+    parser.add_argument("--iters", type=int, default=20, help="timed calls (median)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls first")
+    parser.add_argument("--out", default=None, help="write all figures to this JSON file")
+    parser.add_argument(
+        "--skip",
+        default="",
+        help="comma-separated sections to skip: engines,wide,quality,updates,strategies",
+    )
+    args = parser.parse_args(argv)
+    skip = set(filter(None, args.skip.split(",")))
+    model = SMALL if args.small else FULL
+    n_ceiling = 512 if args.small else 8192
+    wide = [(128, 128), (128, 448)] if args.small else [(4096, 4096), (4096, 14336)]
+    quality_shape = (128, 512) if args.small else (2048, 8192)
+
+    env = _timing.environment()
+    print(f"{env}  model={model}")
+    results: dict[str, Any] = {"environment": env, "model": dataclasses.asdict(model)}
+    ceiling = matmul_ceiling(n_ceiling, args.iters)
+    results["matmul_ceiling_tflops"] = ceiling
+    print(f"matmul {n_ceiling}^3: bf16 {ceiling['bf16']:.0f} TFLOP/s, f16 {ceiling['f16']:.0f}")
+    sections = {
+        "engines": lambda: bench_engines(model, args.iters, ceiling["bf16"]),
+        "wide": lambda: bench_wide(wide, args.iters, ceiling["bf16"]),
+        "quality": lambda: bench_quality(*quality_shape),
+        "updates": lambda: bench_updates(model, optimizers(model), args.iters, args.warmup),
+        "strategies": lambda: bench_updates(model, strategies(model), args.iters, args.warmup),
+    }
+    for name, run in sections.items():
+        if name not in skip:
+            print(f"-- {name}", flush=True)
+            results[name] = run()
+            _timing.write_json(args.out, results)  # keep what is done if a later part fails
+
+    if "updates" in results:
+        by_name = {r["update"]: r for r in results["updates"]}
+        base = by_name["optax.contrib.muon"]["ms"]
+        for r in results["updates"] + results.get("strategies", []):
+            r["speedup vs optax muon"] = base / r["ms"]
+    stats = jax.devices()[0].memory_stats() or {}
+    results["process_peak_GB"] = stats.get("peak_bytes_in_use", 0) / GB or None
+    _timing.write_json(args.out, results)
+
+    columns = {
+        "engines": ["engine", "ms", "TFLOP/s", "% of matmul", "plain-equivalent TFLOP/s"],
+        "wide": ["matrix", "method", "ms", "TFLOP/s", "% of matmul"],
+        "quality": [
+            "spectrum",
+            "method",
+            "sigma_min",
+            "sigma_p1",
+            "sigma_max",
+            "|UU^T-I|_F/sqrt(m)",
+            "|U-polar|/|polar|",
+        ],
+        "updates": ["update", "ms", "speedup vs optax muon", "NS TFLOP/s", "peak GB", "state GB"],
+    }
+    columns["strategies"] = columns["updates"]
+    print()
+    for name, cols in columns.items():
+        if name in results:
+            print(_timing.table(results[name], cols, title=f"== {name}"))
+            print()
+    return results
+
+
+if __name__ == "__main__":
+    main()
