@@ -57,15 +57,17 @@ def _assert_same_updates(ours, theirs, tolerance=1e-4):
 
 KWARGS = {
     "defaults": {},
-    "no_nesterov_rms": {"nesterov": False, "consistent_rms": 0.2},
-    "weight_decay": {"weight_decay": 0.1, "consistent_rms": 0.2},
+    "no_nesterov_rms_decay": {"nesterov": False, "consistent_rms": 0.2, "weight_decay": 0.1},
     "weight_decay_mask": {
         "weight_decay": 0.1,
         "weight_decay_mask": {"w1": True, "w2": False, "b": False, "stack": True},
     },
     "adaptive": {"adaptive": True},
     "dion": {"ns_coeffs": "dion", "consistent_rms": 0.2},
-    "aol": {"preconditioning": "aol"},
+    "aol_callable_dims": {
+        "preconditioning": "aol",
+        "muon_weight_dimension_numbers": lambda params: DIMS,
+    },
     "schatten": {"preconditioning": "schatten", "consistent_rms": 0.2},
     "adam_options": {
         "adam_b1": 0.8,
@@ -74,8 +76,7 @@ KWARGS = {
         "adam_learning_rate": 0.01,
         "beta": 0.9,
     },
-    "ns_steps_eps": {"ns_steps": 4, "eps": 1e-6, "mu_dtype": jnp.bfloat16},
-    "callable_dims": {"muon_weight_dimension_numbers": lambda params: DIMS},
+    "ns_steps_eps_mu_dtype": {"ns_steps": 4, "eps": 1e-6, "mu_dtype": jnp.bfloat16},
 }
 
 
@@ -148,14 +149,15 @@ def test_default_routing_sends_embeddings_heads_and_vectors_to_adamw():
     # optax.contrib.muon gives its AdamW branch eps=1e-8, Nesterov and no weight decay.
     adamw = optax.adamw(LR, eps=1e-8, nesterov=True, weight_decay=0.0)
     state, adam_state = tx.init(params), adamw.init(adam_params)
+    update = jax.jit(tx.update)
     for step in range(2):
         grads = jax.tree.map(lambda x, s=step: x * (s + 1) + 0.5, params)
-        updates, state = tx.update(grads, state, params)
+        updates, state = update(grads, state, params)
         adam_grads = {"/".join(p): _get(grads, p) for p in ADAM_LEAVES}
         adam_updates, adam_state = adamw.update(adam_grads, adam_state, adam_params)
         for p in ADAM_LEAVES:
             np.testing.assert_allclose(
-                _get(updates, p), adam_updates["/".join(p)], rtol=1e-6, err_msg=f"step {step}, {p}"
+                _get(updates, p), adam_updates["/".join(p)], rtol=1e-5, err_msg=f"step {step}, {p}"
             )
         # The one Muon leaf: a full step of its momentum (the gradient at the first step).
         if step == 0:
@@ -174,5 +176,5 @@ def test_default_routing_sends_embeddings_heads_and_vectors_to_adamw():
     for p in ADAM_LEAVES:
         for field in ("mu", "nu"):
             np.testing.assert_allclose(
-                _get(getattr(ours, field), p), getattr(theirs, field)["/".join(p)], rtol=1e-6
+                _get(getattr(ours, field), p), getattr(theirs, field)["/".join(p)], rtol=1e-5
             )
