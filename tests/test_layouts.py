@@ -30,6 +30,9 @@ LAYOUTS = {
     "rows8": ((32, 16), P(("data", "model"), None), (8, 1)),
     "replicated": ((16, 32), P(), (1, 1)),
     "stacked": ((2, 16, 32), P(None, None, "model"), (1, 4)),
+    # Sharded batch axes: whole matrices per device (experts), or layers and columns.
+    "experts": ((4, 16, 32), P("model", None, None), (1, 1)),
+    "stacked_tp": ((2, 16, 32), P("data", None, "model"), (1, 4)),
 }
 SPECS = {name: spec for name, (_, spec, _) in LAYOUTS.items()}
 DIMS = {
