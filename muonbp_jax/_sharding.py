@@ -735,3 +735,13 @@ def partition_specs(params: Any) -> Any:
         return sharding.spec if isinstance(sharding, NamedSharding) else P()
 
     return jax.tree.map(spec, params)
+        if isinstance(x, jax.core.Tracer):
+            typed = _type_sharding(x)
+            if typed is None:
+                # Answering P() here would quietly make every block step a full one.
+                raise ValueError(
+                    "muonbp_jax.partition_specs cannot read the sharding of a traced array "
+                    "outside Explicit mode: call it on the concrete parameters, outside jit, "
+                    "and pass the tree it returns as specs=."
+                )
+            return P(*typed[1])

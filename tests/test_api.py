@@ -40,18 +40,35 @@ def _assert_close(actual, expected, what: str, tolerance: float = 1e-4) -> None:
 
 
 def test_full_iff_count_mod_period_is_zero_with_both_learning_rates_scheduled():
+    decay = 0.1
     tx = muonbp_jax.muonbp(
-        lambda t: 1.0 + t, period=3, block_learning_rate=lambda t: 10.0 + t, **PLAIN
+        lambda t: 1.0 + t,
+        period=3,
+        block_learning_rate=lambda t: 10.0 + t,
+        weight_decay=decay,
+        **PLAIN,
     )
-    params = {"w": jnp.zeros((16, 32))}
+    w = _grad(99)
+    params = {"w": jnp.asarray(w)}
     state, update = tx.init(params), jax.jit(tx.update)
     for t in range(7):
         g = _grad(t)
         updates, state = update({"w": g}, state, params)
         full = t % 3 == 0
-        rate = 1.0 + t if full else 10.0 + t
-        _assert_close(updates["w"], -rate * _expected(g, full), f"t={t}, full={full}")
+        rate = 1.0 + t if full else 10.0 + t  # weight decay, too, takes the step's rate
+        expected = -rate * (_expected(g, full) + decay * w)
+        _assert_close(updates["w"], expected, f"t={t}, full={full}")
     assert update._cache_size() == 1
+
+
+def test_scale_by_muonbp_has_no_learning_rate():
+    tx = muonbp_jax.scale_by_muonbp(
+        beta=0.0, nesterov=False, period=None, ns_dtype="float32", block_grid=GRID
+    )
+    g = _grad(0)
+    updates, state = tx.update({"w": g}, tx.init({"w": g}))
+    assert isinstance(state, muonbp_jax.MuonBPState) and int(state.count) == 1
+    _assert_close(updates["w"], _expected(g, full=False), "block step")
 
 
 def test_period_none_never_takes_a_full_step():
@@ -114,14 +131,21 @@ def _auto_mesh():
 def test_chain_with_clip_by_global_norm_on_a_sharded_auto_mesh():
     mesh = _auto_mesh()
     spec = {"w": P(None, "model")}
+    params = {"w": jax.device_put(jnp.zeros((16, 32)), NamedSharding(mesh, spec["w"]))}
+    assert muonbp_jax.partition_specs(params) == spec
     beta = 0.5
     tx = optax.chain(
         optax.clip_by_global_norm(1.0),
         muonbp_jax.muonbp(
-            1.0, beta=beta, nesterov=False, period=2, ns_dtype="float32", specs=spec, mesh=mesh
+            1.0,
+            beta=beta,
+            nesterov=False,
+            period=2,
+            ns_dtype="float32",
+            specs=lambda params: spec,  # a callable params -> specs
+            mesh=mesh,
         ),
     )
-    params = {"w": jax.device_put(jnp.zeros((16, 32)), NamedSharding(mesh, spec["w"]))}
     state, update = jax.jit(tx.init)(params), jax.jit(tx.update)
     # A large first gradient is clipped hard, a small second one not: the momentum direction
     # depends on the clipping.
@@ -236,6 +260,16 @@ def test_auto_mode_without_specs_asks_for_them():
     tx = muonbp_jax.muonbp(0.1)
     with pytest.raises(ValueError, match="specs="):
         tx.init(_sharded_params(_auto_mesh()))
+
+
+def test_partition_specs_refuses_traced_auto_arrays():
+    mesh = _auto_mesh()
+    params = _sharded_params(mesh)
+    assert muonbp_jax.partition_specs(params) == {
+        "attn": {"q": P(None, "model"), "o": P("model", None)}
+    }
+    with pytest.raises(ValueError, match="outside jit"):
+        jax.jit(muonbp_jax.partition_specs)(params)
 
 
 def test_auto_mode_under_jit_without_specs_asks_for_them():
