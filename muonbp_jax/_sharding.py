@@ -728,13 +728,13 @@ def place_state_like_params(state: Any, params: Any, specs: Any, mesh: Mesh | No
 
 
 def partition_specs(params: Any) -> Any:
-    """Reads the PartitionSpec of every concrete array in `params` (P() when it has none)."""
+    """Reads the PartitionSpec of every concrete array in `params` (P() when it has none).
+
+    Inside jit only Explicit-mode types carry specs; call it outside jit otherwise and pass
+    the resulting tree as `specs=`.
+    """
 
     def spec(x):
-        sharding = getattr(x, "sharding", None)
-        return sharding.spec if isinstance(sharding, NamedSharding) else P()
-
-    return jax.tree.map(spec, params)
         if isinstance(x, jax.core.Tracer):
             typed = _type_sharding(x)
             if typed is None:
@@ -745,3 +745,7 @@ def partition_specs(params: Any) -> Any:
                     "and pass the tree it returns as specs=."
                 )
             return P(*typed[1])
+        sharding = getattr(x, "sharding", None)
+        return sharding.spec if isinstance(sharding, NamedSharding) else P()
+
+    return jax.tree.map(spec, params)
