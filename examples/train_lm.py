@@ -14,11 +14,13 @@ loss_curves.png and checkpoints/<optimizer>/ (for --resume).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import platform
 import sys
 from pathlib import Path
+from typing import Any
 
 from lm import OPTIMIZERS, devices
 
@@ -45,17 +47,44 @@ def _names(text: str) -> list[str]:
     return names
 
 
+def _one_name(text: str) -> list[str]:
+    if "," in text:
+        raise argparse.ArgumentTypeError(f"one name expected (use --compare for several): {text}")
+    return _names(text)
+
+
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     return int(text)
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Shows each option's default unless its help already says it or it has none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default is not None and action.default is not False
+        if shown and action.default != argparse.SUPPRESS and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],
         epilog="Learning rates default to values tuned per optimizer (lm/optimizers.py).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpWithDefaults,
     )
     which = p.add_mutually_exclusive_group()
     which.add_argument(
@@ -63,11 +92,12 @@ def parser() -> argparse.ArgumentParser:
         type=_names,
         default=_names(DEFAULT_COMPARE),
         metavar="A,B,...",
-        help=f"optimizers to train in turn: {OPTIMIZERS}",
+        help=f"optimizers to train in turn, from {', '.join(OPTIMIZERS)} "
+        f"(default: {DEFAULT_COMPARE})",
     )
     which.add_argument(
         "--optimizer",
-        type=lambda t: _names(t)[:1],
+        type=_one_name,
         dest="compare",
         metavar="NAME",
         help="train one optimizer (same as --compare NAME)",
@@ -80,7 +110,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=_positive, default=4, help="attention heads")
     p.add_argument(
         "--lr",
-        type=float,
+        type=_positive_float,
         default=None,
         help="peak learning rate for every compared optimizer (default: tuned each)",
     )
@@ -131,35 +161,50 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = parser()
+@dataclasses.dataclass
+class Setup:
+    """What the command line asks for, checked: one Config per optimizer, the corpus, the
+    device description."""
+
+    args: argparse.Namespace
+    configs: dict[str, Any]
+    corpus: Any
+    device: str
+
+
+def prepare(p: argparse.ArgumentParser, argv: list[str] | None) -> Setup:
+    """Parses and checks the arguments, sets up the devices and loads the corpus; every
+    problem ends the program with one line (`p.error`), before any training."""
     args = p.parse_args(argv)
     if args.data is not None and not Path(args.data).expanduser().exists():
         p.error(f"--data {args.data}: no such file or folder")
     on_cpu = devices.use_cpu_devices(args.cpu_devices)
 
     import jax  # after the device setup above
-    from lm import data, report
-    from lm.train import Config, mesh_shape, train
+    from lm import data
+    from lm.train import Config, mesh_shape
 
+    fields = (
+        "steps",
+        "batch",
+        "seq",
+        "d_model",
+        "layers",
+        "heads",
+        "lr",
+        "period",
+        "mesh",
+        "tp_blocks",
+        "seed",
+        "data",
+        "eval_every",
+        "checkpoint_every",
+    )
     configs = {
         name: Config(
             optimizer=name,
-            steps=args.steps,
-            batch=args.batch,
-            seq=args.seq,
-            d_model=args.d_model,
-            layers=args.layers,
-            heads=args.heads,
-            lr=args.lr,
-            period=args.period,
-            mesh=args.mesh,
-            tp_blocks=args.tp_blocks,
-            seed=args.seed,
-            data=args.data,
-            eval_every=args.eval_every,
-            checkpoint_every=args.checkpoint_every,
             checkpoint_dir=str(Path(args.out) / "checkpoints" / name),
+            **{f: getattr(args, f) for f in fields},
         )
         for name in args.compare
     }
@@ -186,29 +231,44 @@ def main(argv: list[str] | None = None) -> None:
         f"model   : d_model={args.d_model} layers={args.layers} heads={args.heads} "
         f"seq={args.seq} batch={args.batch}, {args.steps} steps\n"
     )
+    return Setup(args, configs, corpus, device)
 
-    runs = {}
-    for name, config in configs.items():
-        runs[name] = train(config, corpus=corpus, resume=args.resume, progress=not args.no_progress)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    info = {
-        "command": " ".join(
-            [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
-        ),
-        "device": device,
-        "versions": _versions(),
+def run_info(setup: Setup, argv: list[str] | None) -> dict[str, Any]:
+    """Command, device, versions and date, stored with the metrics."""
+    from importlib.metadata import version
+
+    names = ("jax", "jaxlib", "optax", "flax", "orbax-checkpoint", "muonbp-jax")
+    command = [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
+    return {
+        "command": " ".join(command),
+        "device": setup.device,
+        "cpu_count": os.cpu_count(),
+        "versions": {"python": platform.python_version(), **{n: version(n) for n in names}},
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup = prepare(parser(), argv)
+    args = setup.args
+    from lm import report
+    from lm.train import train
+
+    runs = {
+        name: train(config, corpus=setup.corpus, resume=args.resume, progress=not args.no_progress)
+        for name, config in setup.configs.items()
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     report.write_csv(runs, out / "metrics.csv")
-    report.write_json(runs, info, out / "metrics.json")
+    report.write_json(runs, run_info(setup, argv), out / "metrics.json")
     report.plot(
         runs,
         out / "loss_curves.png",
         title=(
             f"byte-level GPT d={args.d_model} L={args.layers}, {args.steps} steps of "
-            f"{args.batch}x{args.seq} bytes, {device}"
+            f"{args.batch}x{args.seq} bytes, {setup.device}"
         ),
     )
     print()
@@ -217,17 +277,6 @@ def main(argv: list[str] | None = None) -> None:
         f"\nwrote {out / 'metrics.csv'}, {out / 'metrics.json'}, {out / 'loss_curves.png'}; "
         f"checkpoints in {out / 'checkpoints'}"
     )
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import version
-
-    names = ("jax", "jaxlib", "optax", "flax", "orbax-checkpoint", "muonbp-jax")
-    return {
-        "python": platform.python_version(),
-        **{n: version(n) for n in names},
-        "cpu_count": str(os.cpu_count()),
-    }
 
 
 if __name__ == "__main__":

@@ -69,13 +69,14 @@ def plot(runs: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    shown = []  # losses after the first tenth of training, to set the y range
     for name, m in runs.items():
         steps = np.array([s["step"] for s in m["steps"]])
         loss = np.array([s["train_loss"] for s in m["steps"]])
         if len(loss) >= SMOOTHING:
             loss = np.convolve(loss, np.ones(SMOOTHING) / SMOOTHING, mode="valid")
             steps = steps[SMOOTHING - 1 :]
-        (line,) = ax_train.plot(steps, loss, label=name)
+        (line,) = ax_train.plot(steps, loss, label=name, lw=2.2 if name == "muonbp" else 1.3)
         evals = m["evals"]
         ax_val.plot(
             [e["step"] for e in evals],
@@ -84,6 +85,10 @@ def plot(runs: dict[str, dict[str, Any]], path: Path, title: str) -> None:
             color=line.get_color(),
             label=name,
         )
+        shown += [*loss[len(loss) // 10 :], *(e["val_loss"] for e in evals)]
+    low, high = (min(shown), max(shown)) if shown else (0.0, 0.0)
+    if high > low:
+        ax_train.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
     ax_train.set(
         xlabel="step", ylabel="loss (nats/byte)", title=f"training loss ({SMOOTHING}-step mean)"
     )
