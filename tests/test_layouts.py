@@ -50,6 +50,11 @@ def _mesh(mode: AxisType) -> jax.sharding.Mesh:
     return jax.make_mesh(MESH_SHAPE, AXES, axis_types=(mode,) * 2)
 
 
+def _context(mode: AxisType, mesh):
+    # Explicit mode needs the mesh set for jit(init); Auto mode gets it through mesh=.
+    return jax.set_mesh(mesh) if mode == AxisType.Explicit else contextlib.nullcontext()
+
+
 def _grads(seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {
@@ -105,7 +110,7 @@ def _muon_state(state) -> muonbp_jax.MuonBPState:
 def test_full_then_block_step_match_reference(mode, ns_dtype):
     mesh = _mesh(mode)
     tx = _tx(mode, mesh, ns_dtype, period=2)
-    with jax.set_mesh(mesh) if mode == AxisType.Explicit else contextlib.nullcontext():
+    with _context(mode, mesh):
         params = _put(_grads(0), mesh)
         state = jax.jit(tx.init)(params)
         for name, mu in _muon_state(state).mu.items():
@@ -156,7 +161,7 @@ def _reachable(comps: dict[str, str], roots: list[str]) -> set[str]:
 def _compiled_update(mode: AxisType, period, **kw) -> str:
     mesh = _mesh(mode)
     tx = _tx(mode, mesh, jnp.bfloat16, period=period, **kw)
-    with jax.set_mesh(mesh) if mode == AxisType.Explicit else contextlib.nullcontext():
+    with _context(mode, mesh):
         params = _put(_grads(0), mesh)
         state = jax.jit(tx.init)(params)
         return jax.jit(tx.update).lower(params, state, params).compile().as_text()
