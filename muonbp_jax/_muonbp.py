@@ -125,7 +125,7 @@ def scale_by_muonbp(
     specs: Any = None,
     mesh: Any = None,
     block_grid: Any = None,
-    full_strategy: str = "gather",
+    full_strategy: str = "auto",
     ns_method: str = "newton_schulz",
 ) -> optax.GradientTransformation:
     """Momentum, block-periodic orthogonalization and shape scaling (no learning rate).
@@ -153,8 +153,10 @@ def scale_by_muonbp(
       mesh: the mesh the specs refer to (default: the leaf types' or the context mesh).
       block_grid: `(r, c)`, or a tree/callable of them: split each device-local block into
         r×c tiles orthogonalized independently on block steps.
-      full_strategy: how full steps orthogonalize sharded matrices; one of
-        `muonbp_jax.FULL_STRATEGIES`.
+      full_strategy: how full steps orthogonalize sharded matrices: `"gather"` (all-gather
+        each matrix, orthogonalize it on every device: the paper's), `"all_to_all"` (spread
+        whole same-shape matrices over the devices that share them, no redundant work) or
+        `"auto"` (all-to-all for groups of 2 or more, gather for a lone matrix).
       ns_method: `"newton_schulz"` iterates on each matrix X; `"gram"` computes the same
         polynomial on the smaller XXᵀ (float16 in place of bfloat16), fewer FLOPs for matrices
         at least twice as wide as tall (see `muonbp_jax.orthogonalize`).
@@ -327,7 +329,7 @@ def muonbp(
     specs: Any = None,
     mesh: Any = None,
     block_grid: Any = None,
-    full_strategy: str = "gather",
+    full_strategy: str = "auto",
     ns_method: str = "newton_schulz",
 ) -> optax.GradientTransformation:
     """MuonBP: Muon with block-periodic orthogonalization, AdamW for the other parameters.
