@@ -227,10 +227,12 @@ def prepare(p: argparse.ArgumentParser, argv: list[str] | None) -> Setup:
         f"corpus  : {corpus.source}: {corpus.files} files, {len(corpus.train):,} training and "
         f"{len(corpus.val):,} validation bytes"
     )
+    total, matrices = next(iter(configs.values())).model.parameter_count()
     print(
         f"model   : d_model={args.d_model} layers={args.layers} heads={args.heads} "
-        f"seq={args.seq} batch={args.batch}, {args.steps} steps\n"
+        f"seq={args.seq}: {total:,} parameters, {matrices:,} in Muon-trained matrices"
     )
+    print(f"training: {args.steps} steps of {args.batch} x {args.seq} bytes\n")
     return Setup(args, configs, corpus, device)
 
 

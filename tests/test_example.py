@@ -158,6 +158,23 @@ def test_bad_arguments_one_line(args, message, tmp_path):
     assert last.startswith("train_lm.py: error:") and message in last, proc.stderr
 
 
+def test_parameter_count_matches_the_model():
+    from flax import nnx
+    from jax.sharding import AxisType
+    from lm.model import GPT, ModelConfig
+
+    cfg = ModelConfig(seq=16, d_model=32, layers=3, heads=4)
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    with jax.set_mesh(mesh):
+        model = nnx.eval_shape(lambda: GPT(cfg, nnx.Rngs(0)))
+    sizes = {
+        "/".join(map(str, path)): math.prod(p.shape)
+        for path, p in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
+    matrices = sum(n for k, n in sizes.items() if k.startswith("blocks") and "norm" not in k)
+    assert cfg.parameter_count() == (sum(sizes.values()), matrices)
+
+
 def test_data_split_and_order(tmp_path):
     text = bytes(range(256)) * 40
     path = tmp_path / "corpus.txt"

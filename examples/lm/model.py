@@ -6,7 +6,8 @@ split on their output dimension ("column parallel"), the attention output and th
 layer on their input dimension ("row parallel"), so each device holds whole heads and a slice of
 the MLP. These device-local slices are exactly MuonBP's blocks. Embeddings, the output head and
 the norms are replicated (they are small here, and go to AdamW by the default routing: key paths
-containing 'embed' or ending in 'head').
+containing 'embed' or ending in 'head'). Build the model under `jax.set_mesh(mesh)` with such a
+mesh (flax places annotated parameters on the context mesh as it creates them).
 """
 
 from __future__ import annotations
@@ -31,6 +32,13 @@ class ModelConfig:
     layers: int = 2
     heads: int = 4
     mlp_ratio: int = 4
+
+    def parameter_count(self) -> tuple[int, int]:
+        """(all parameters, those in the blocks' matrices, which the Muon family trains)."""
+        d, hidden = self.d_model, self.mlp_ratio * self.d_model
+        matrices = self.layers * (4 * d * d + 2 * d * hidden)
+        others = 2 * self.vocab * d + self.seq * d + (2 * self.layers + 1) * d
+        return matrices + others, matrices
 
     def check(self, tp: int) -> None:
         """Raises ValueError when the shapes cannot be split `tp` ways as Megatron does."""
