@@ -91,6 +91,7 @@ def plan(
     ratios: Sequence[float],
     ratio_period: int,
     ratio_tp: int,
+    adamw: bool = True,
 ) -> list[Run]:
     """Every run, seed-major, Muon and AdamW first, then the periods in the order given, so a
     sweep cut short by --budget-s keeps whole seeds and the most telling runs."""
@@ -98,7 +99,8 @@ def plan(
     for seed in seeds:
         if 1 in periods:
             runs.append(Run("muon", 1, max(tps), seed))
-        runs.append(Run("adamw", None, max(tps), seed))
+        if adamw:
+            runs.append(Run("adamw", None, max(tps), seed))
         for p in periods:
             if p != 1:
                 opt = "blockmuon" if p is None else "muonbp"
@@ -133,7 +135,7 @@ def block_lr_ratio(ratio: float) -> Iterator[None]:
         muonbp_jax.muonbp = original
 
 
-def run_one(run: Run, shape: dict, corpus: Any, n_devices: int) -> dict:
+def run_one(run: Run, shape: dict, corpus: Any, n_devices: int, lr: float | None) -> dict:
     from lm import train as train_lib
 
     mesh = (n_devices // run.tp, run.tp) if n_devices > 1 else None
@@ -143,6 +145,7 @@ def run_one(run: Run, shape: dict, corpus: Any, n_devices: int) -> dict:
         tp_blocks=run.tp,
         mesh=mesh,
         seed=run.seed,
+        lr=None if run.optimizer == "adamw" else lr,
         eval_batches=4,
         **shape,
     )
@@ -212,6 +215,36 @@ def tables(results: list[dict], periods, tps, ratio_period: int, ratio_tp: int) 
                 where["tp"] = tp
             cells.append(_cell(_select(results, **where)))
         lines.append(f"| {'∞' if p is None else p} | " + " | ".join(cells) + " |")
+    muon = {r["seed"]: r["final_val_loss"] for r in results if r["optimizer"] == "muon"}
+    if muon:
+        lines += [
+            "",
+            (
+                "The same, as the difference from Muon's loss with the same seed (paired: the seed "
+                "moves every run's loss together, so this separates a difference from noise):"
+            ),
+            "",
+            "| P | " + " | ".join(f"TP {tp}" for tp in tps) + " |",
+            "|---|" + "---|" * len(tps),
+        ]
+        for p in periods:
+            if p == 1:
+                continue
+            name = "blockmuon" if p is None else "muonbp"
+            cells = []
+            for tp in tps:
+                rs = [
+                    r
+                    for r in results
+                    if (r["optimizer"], r["period"], r["tp"], r["lr_ratio"]) == (name, p, tp, 1.0)
+                    and r["seed"] in muon
+                ]
+                deltas = [r["final_val_loss"] - muon[r["seed"]] for r in rs]
+                mean, spread, n = _stats(deltas)
+                cells.append(
+                    "–" if not n else f"{mean:+.4f}" + (f" ± {spread:.4f}" if n > 1 else "")
+                )
+            lines.append(f"| {'∞' if p is None else p} | " + " | ".join(cells) + " |")
     tp = max(tps)
     mid = [p for p in periods if p not in (1, None)]
     main = [("Muon (P=1)", {"optimizer": "muon"})]
@@ -343,6 +376,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--lr-ratios", default="0.5,1,2", help="block_lr / lr ratios")
     p.add_argument("--ratio-period", type=int, default=4)
     p.add_argument("--ratio-tp", type=int, default=None, help="default: the largest --tp")
+    p.add_argument(
+        "--lr", type=float, default=None, help="peak lr of the Muon runs (default: the example's)"
+    )
+    p.add_argument("--no-adamw", action="store_true", help="leave AdamW out")
     p.add_argument("--budget-s", type=float, default=None, help="start no run after this")
     p.add_argument("--resume", action="store_true", help="skip runs already in --out")
     p.add_argument("--report-only", action="store_true", help="tables/plots from --out")
@@ -386,7 +423,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         }
         todo = [
             r
-            for r in plan(periods, tps, seeds, ratios, args.ratio_period, ratio_tp)
+            for r in plan(
+                periods, tps, seeds, ratios, args.ratio_period, ratio_tp, not args.no_adamw
+            )
             if r.key not in done
         ]
         began = time.perf_counter()
@@ -405,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if args.budget_s is not None and elapsed > args.budget_s:
                 print(f"budget of {args.budget_s:.0f} s spent: {len(todo) - i} runs left")
                 break
-            result = run_one(run, shape, corpus, n_devices)
+            result = run_one(run, shape, corpus, n_devices, args.lr)
             results.append(result)
             print(
                 f"[{i + 1}/{len(todo)} {elapsed:5.0f}s] {run.key}: val "
