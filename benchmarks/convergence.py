@@ -257,15 +257,20 @@ def tables(results: list[dict], periods, tps, ratio_period: int, ratio_tp: int) 
         "",
         f"Main comparison at TP {tp} (mean step time: the whole training step, this machine):",
         "",
-        "| optimizer | final val loss | final train loss | mean step ms |",
-        "|---|---|---|---|",
+        "| optimizer | peak lr | final val loss | final train loss | mean step ms |",
+        "|---|---|---|---|---|",
     ]
     for label, where in main:
         where = {**where, "lr_ratio": 1.0}
         rs = [r for r in results if all(r[k] == v for k, v in where.items())]
+        if not rs:
+            continue
         train = _cell([r["final_train_loss"] for r in rs])
         ms = _stats([r["mean_step_ms"] for r in rs if r["mean_step_ms"] is not None])[0]
-        lines.append(f"| {label} | {_cell(_select(results, **where))} | {train} | {ms:.1f} |")
+        lr = "/".join(sorted({f"{r['lr']:g}" for r in rs})) or "–"
+        lines.append(
+            f"| {label} | {lr} | {_cell(_select(results, **where))} | {train} | {ms:.1f} |"
+        )
     ratios = sorted({r["lr_ratio"] for r in results})
     if len(ratios) > 1:
         lines += [

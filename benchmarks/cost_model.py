@@ -554,7 +554,12 @@ def predict_main(args) -> None:
             raise SystemExit(f"error: unknown hardware {name!r}; choose from {sorted(HARDWARE)}")
         hws.append(HARDWARE[name])
     mesh = MeshShape(args.tp, args.fsdp, args.dp)
-    s = Settings(ns_steps=args.ns_steps, comm_itemsize=args.comm_bytes)
+    s = Settings(
+        ns_steps=args.ns_steps,
+        comm_itemsize=args.comm_bytes,
+        adam_bytes_per_param=args.adam_bytes,
+        muon_bytes_per_param=args.muon_bytes,
+    )
     results = []
     for model in _model_from_args(args):
         for hw in hws:
@@ -874,6 +879,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         p.add_argument("--hardware", default="h100,v5p", help=f"comma list of {sorted(HARDWARE)}")
         p.add_argument("--ns-steps", type=int, default=NS_STEPS)
         p.add_argument("--comm-bytes", type=int, default=4, help="bytes per momentum element sent")
+        p.add_argument(
+            "--adam-bytes",
+            type=int,
+            default=Settings.adam_bytes_per_param,
+            help="memory traffic of an AdamW update, bytes per parameter",
+        )
+        p.add_argument(
+            "--muon-bytes",
+            type=int,
+            default=Settings.muon_bytes_per_param,
+            help="memory traffic of Muon's elementwise work, bytes per matrix parameter",
+        )
         p.add_argument(
             "--group-tokens",
             type=int,
