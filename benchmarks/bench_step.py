@@ -23,12 +23,15 @@ down (ffn×d) and a norm (d); embedding 32000×d and head d×32000; float32.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import muonbp_jax
 from benchmarks import _timing
-from muonbp_jax import MuonDimensionNumbers
+from muonbp_jax import MuonDimensionNumbers, _newton_schulz, _sharding
 from muonbp_jax._newton_schulz import (
     _newton_schulz_step,
     _precondition,
@@ -277,44 +280,89 @@ def bench_quality(m: int, n: int) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------- updates
 
 
-def optimizers(model: Model) -> dict[str, tuple[optax.GradientTransformation, str]]:
-    """name -> (transformation, FLOP count key: 'plain', 'gram' or 'block:r,c' or '')."""
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One optimizer to time: built by `make` (under `patches`, (object, attribute, value)
+    replaced while it is built and compiled); `kind` says how to count its NS FLOPs."""
+
+    make: Callable[[], optax.GradientTransformation]
+    kind: str = ""  # 'plain', 'gram', 'f32' (optax), 'block:r,c' or '' (none)
+    patches: tuple[tuple[Any, str, Any], ...] = ()
+
+
+def optimizers(model: Model) -> dict[str, Run]:
     dims = routing(model)
     mb = functools.partial(muonbp_jax.muonbp, LR, muon_weight_dimension_numbers=dims)
     fast = {"ns_coeffs": "polar_express", "ns_method": "gram"}
     return {
-        "optax.contrib.muon": (optax.contrib.muon(LR, muon_weight_dimension_numbers=dims), "f32"),
-        "optax.adamw": (optax.adamw(LR), ""),
-        "muonbp P=1 jordan plain": (mb(period=1), "plain"),
-        "muonbp P=1 polar_express plain": (mb(period=1, ns_coeffs="polar_express"), "plain"),
-        "muonbp P=1 jordan gram": (mb(period=1, ns_method="gram"), "gram"),
-        "muonbp P=1 polar_express gram": (mb(period=1, **fast), "gram"),
-        "muonbp P=1 polar_express gram mu=bf16": (
-            mb(period=1, mu_dtype=jnp.bfloat16, **fast),
-            "gram",
+        "optax.contrib.muon": Run(
+            lambda: optax.contrib.muon(LR, muon_weight_dimension_numbers=dims), "f32"
         ),
-        "muonbp block (1,8) polar_express gram": (
-            mb(period=None, block_grid=(1, 8), **fast),
-            "block:1,8",
+        "optax.adamw": Run(lambda: optax.adamw(LR)),
+        "muonbp P=1 jordan plain": Run(lambda: mb(period=1), "plain"),
+        "muonbp P=1 polar_express plain": Run(
+            lambda: mb(period=1, ns_coeffs="polar_express"), "plain"
         ),
-        "muonbp block (8,1) polar_express gram": (
-            mb(period=None, block_grid=(8, 1), **fast),
-            "block:8,1",
+        "muonbp P=1 jordan gram": Run(lambda: mb(period=1, ns_method="gram"), "gram"),
+        "muonbp P=1 polar_express gram": Run(lambda: mb(period=1, **fast), "gram"),
+        "muonbp P=1 polar_express gram mu=bf16": Run(
+            lambda: mb(period=1, mu_dtype=jnp.bfloat16, **fast), "gram"
+        ),
+        "muonbp block (1,8) polar_express gram": Run(
+            lambda: mb(period=None, block_grid=(1, 8), **fast), "block:1,8"
+        ),
+        "muonbp block (8,1) polar_express gram": Run(
+            lambda: mb(period=None, block_grid=(8, 1), **fast), "block:8,1"
         ),
     }
 
 
-def strategies(model: Model) -> dict[str, tuple[optax.GradientTransformation, str]]:
+def overheads(model: Model) -> dict[str, Run]:
+    """Where the time of `muonbp P=1 polar_express gram` goes beyond Newton–Schulz: the same
+    update with one piece changed at a time."""
+    dims = routing(model)
+    fast = lambda: muonbp_jax.muonbp(
+        LR,
+        period=1,
+        ns_coeffs="polar_express",
+        ns_method="gram",
+        muon_weight_dimension_numbers=dims,
+    )
+    many = _sharding.orthogonalize_many
+    return {
+        # a plain callable takes orthogonalize_many's generic path: float32 concatenation
+        "concatenate float32 momentum, then normalize": Run(
+            fast, "gram", ((_sharding, "orthogonalize_many", lambda ms, o: many(ms, o.__call__)),)
+        ),
+        "normalization always rescaled (the degenerate-input path)": Run(
+            fast, "gram", ((_newton_schulz, "_SAFE_SUM_OF_SQUARES", float("inf")),)
+        ),
+        "without the weight-decay pass (weight_decay=0)": Run(
+            fast, "gram", ((optax, "add_decayed_weights", lambda *a, **k: optax.identity()),)
+        ),
+        "no Newton-Schulz, no concatenation (elementwise work only)": Run(
+            fast, "", ((_sharding, "orthogonalize_many", lambda ms, o: list(ms)),)
+        ),
+    }
+
+
+def strategies(model: Model) -> dict[str, Run]:
     """Full steps through each strategy's shard_map code on a one-device mesh."""
     mesh = jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
     specs = jax.tree.map(
         lambda s: P(None, "model") if len(s) == 2 else P(), model.shapes(), is_leaf=is_shape
     )
     kw = {"ns_coeffs": "polar_express", "ns_method": "gram", "specs": specs, "mesh": mesh}
+    dims = routing(model)
     return {
-        f"muonbp P=1 full_strategy={s} (1-device mesh)": (
-            muonbp_jax.muonbp(
-                LR, period=1, muon_weight_dimension_numbers=routing(model), full_strategy=s, **kw
+        f"muonbp P=1 full_strategy={s} (1-device mesh)": Run(
+            functools.partial(
+                muonbp_jax.muonbp,
+                LR,
+                period=1,
+                muon_weight_dimension_numbers=dims,
+                full_strategy=s,
+                **kw,
             ),
             "gram",
         )
@@ -334,17 +382,23 @@ def update_flops(model: Model, kind: str) -> float | None:
     return None
 
 
-def bench_updates(model: Model, txs: dict, iters: int, warmup: int) -> list[dict[str, Any]]:
+def bench_updates(
+    model: Model, runs: dict[str, Run], iters: int, warmup: int
+) -> list[dict[str, Any]]:
     params = random_tree(model, seed=0, scale=0.02)
     grads = random_tree(model, seed=1, scale=1e-3)
     rows = []
-    for name in _timing.progress(list(txs), "updates"):
-        tx, kind = txs[name]
-        state = jax.jit(tx.init)(params)
-        compiled = jax.jit(tx.update).lower(grads, state, params).compile()
+    for name in _timing.progress(list(runs), "updates"):
+        run = runs[name]
+        with contextlib.ExitStack() as stack:
+            for obj, attr, value in run.patches:
+                stack.enter_context(mock.patch.object(obj, attr, value))
+            tx = run.make()
+            state = jax.jit(tx.init)(params)
+            compiled = jax.jit(tx.update).lower(grads, state, params).compile()
         ms = _timing.median_ms(compiled, grads, state, params, iters=iters, warmup=warmup)
         memory = _timing.compiled_memory(compiled)
-        flops = update_flops(model, kind)
+        flops = update_flops(model, run.kind)
         rows.append(
             {
                 "update": name,
@@ -371,7 +425,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--skip",
         default="",
-        help="comma-separated sections to skip: engines,wide,quality,updates,strategies",
+        help="comma-separated sections to skip: engines,wide,quality,updates,strategies,overheads",
     )
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -388,10 +442,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"matmul {n_ceiling}^3: bf16 {ceiling['bf16']:.0f} TFLOP/s, f16 {ceiling['f16']:.0f}")
     sections = {
         "engines": lambda: bench_engines(model, args.iters, ceiling["bf16"]),
-        "wide": lambda: bench_wide(wide, args.iters, ceiling["bf16"]),
+        "wide": lambda: bench_wide(wide, 2 * args.iters, ceiling["bf16"]),
         "quality": lambda: bench_quality(*quality_shape),
         "updates": lambda: bench_updates(model, optimizers(model), args.iters, args.warmup),
         "strategies": lambda: bench_updates(model, strategies(model), args.iters, args.warmup),
+        "overheads": lambda: bench_updates(model, overheads(model), args.iters, args.warmup),
     }
     for name, run in sections.items():
         if name not in skip:
@@ -402,7 +457,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "updates" in results:
         by_name = {r["update"]: r for r in results["updates"]}
         base = by_name["optax.contrib.muon"]["ms"]
-        for r in results["updates"] + results.get("strategies", []):
+        for r in [
+            *results["updates"],
+            *results.get("strategies", []),
+            *results.get("overheads", []),
+        ]:
             r["speedup vs optax muon"] = base / r["ms"]
     stats = jax.devices()[0].memory_stats() or {}
     results["process_peak_GB"] = stats.get("peak_bytes_in_use", 0) / GB or None
@@ -422,7 +481,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ],
         "updates": ["update", "ms", "speedup vs optax muon", "NS TFLOP/s", "peak GB", "state GB"],
     }
-    columns["strategies"] = columns["updates"]
+    columns["strategies"] = columns["overheads"] = columns["updates"]
     print()
     for name, cols in columns.items():
         if name in results:
