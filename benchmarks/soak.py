@@ -19,6 +19,9 @@ the configuration the project applies itself:
     python benchmarks/soak.py --runs 3 --only loop,control
     python benchmarks/soak.py --example-args "--steps 100 --compare muonbp"
 
+It runs the code of the checkout it lies in; to soak one commit while the working tree
+changes, run it from a clone (its package then comes first on PYTHONPATH).
+
 Prints one line per process and a table of outcomes; writes them to --out (JSON).
 """
 
@@ -116,6 +119,7 @@ def _run(kind: str, args: argparse.Namespace) -> dict:
         "aborted": code in (134, -6) or bool(said),
         "seconds": round(seconds, 1),
         "last_line": (said or lines)[-1].strip()[:300],
+        "failed": [line for line in lines if line.startswith("FAILED")][:5],
     }
 
 
