@@ -18,6 +18,7 @@ the configuration the project applies itself:
     python benchmarks/soak.py                         # 10 runs of tests, loop and example
     python benchmarks/soak.py --runs 3 --only loop,control
     python benchmarks/soak.py --example-args "--steps 100 --compare muonbp"
+    python benchmarks/soak.py --pools   # thread pools: PJRT_NPROC unset / os.environ / env
 
 It runs the code of the checkout it lies in; to soak one commit while the working tree
 changes, run it from a clone (its package then comes first on PYTHONPATH).
@@ -77,6 +78,43 @@ def _loop_child(steps: int, nproc: str) -> None:
         updates, state = update(params, state, params)
     jax.block_until_ready((updates, state))
     print(f"{steps} steps in {time.perf_counter() - began:.1f} s", flush=True)
+
+
+def _pool_child(where: str) -> None:
+    """Thread counts by name of a process that ran one sharded computation (Linux /proc)."""
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    if where == "os.environ":
+        os.environ["PJRT_NPROC"] = "16"  # as tests/conftest.py does: before jax is imported
+    import collections
+
+    import jax
+    import jax.numpy as jnp
+
+    mesh = jax.make_mesh((8,), ("d",))
+    x = jax.device_put(
+        jnp.ones((8, 8)), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
+    )
+    jax.block_until_ready(jax.jit(jnp.sum)(x))
+    tasks = Path("/proc/self/task")
+    names = collections.Counter((t / "comm").read_text().strip() for t in tasks.iterdir())
+    print(json.dumps({"threads": sum(names.values()), **dict(sorted(names.items()))}))
+
+
+def _pools() -> None:
+    """Whether PJRT_NPROC set in os.environ before jax is imported sizes the CPU client's
+    thread pools like PJRT_NPROC in the process environment."""
+    for where in ("unset", "os.environ", "environment"):
+        env = {k: v for k, v in os.environ.items() if k not in ("PJRT_NPROC", "XLA_FLAGS")}
+        if where == "environment":
+            env["PJRT_NPROC"] = "16"
+        command = [sys.executable, __file__, "--pool-child", where]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+        print(
+            f"PJRT_NPROC=16 in {where:12s} {done.stdout.strip()}"
+            if where != "unset"
+            else f"PJRT_NPROC {where:17s} {done.stdout.strip()}"
+        )
 
 
 def _command(kind: str, args: argparse.Namespace, scratch: Path) -> list[str]:
@@ -154,11 +192,19 @@ def main() -> None:
     parser.add_argument("--example-args", default="", help="extra train_lm.py arguments")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per process")
     parser.add_argument("--out", default="soak.json", help="results (JSON)")
+    parser.add_argument(
+        "--pools", action="store_true", help="only compare the thread pools PJRT_NPROC gives"
+    )
+    parser.add_argument("--pool-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--loop-child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--nproc", default="16", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.loop_child is not None:
         return _loop_child(args.loop_child, args.nproc)
+    if args.pool_child is not None:
+        return _pool_child(args.pool_child)
+    if args.pools:
+        return _pools()
 
     kinds = [k for k in args.only.split(",") if k]
     unknown = set(kinds) - set(KINDS)
