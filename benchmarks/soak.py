@@ -110,11 +110,8 @@ def _pools() -> None:
             env["PJRT_NPROC"] = "16"
         command = [sys.executable, __file__, "--pool-child", where]
         done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
-        print(
-            f"PJRT_NPROC=16 in {where:12s} {done.stdout.strip()}"
-            if where != "unset"
-            else f"PJRT_NPROC {where:17s} {done.stdout.strip()}"
-        )
+        label = "PJRT_NPROC unset" if where == "unset" else f"PJRT_NPROC=16 in {where}"
+        print(f"{label:30s} {done.stdout.strip()}")
 
 
 def _command(kind: str, args: argparse.Namespace, scratch: Path) -> list[str]:
