@@ -117,7 +117,7 @@ def _pools() -> None:
 def _command(kind: str, args: argparse.Namespace, scratch: Path) -> list[str]:
     python = sys.executable
     if kind == "tests":
-        return [python, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *args.tests]
+        return [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args.tests]
     if kind in ("loop", "control"):
         nproc = "16" if kind == "loop" else "none"
         return [python, __file__, "--loop-child", str(args.loop_steps), "--nproc", nproc]
