@@ -218,7 +218,9 @@ def prepare(p: argparse.ArgumentParser, argv: list[str] | None) -> Setup:
         p.error(str(e))
 
     count = jax.device_count()
-    device = f"{count} x {jax.devices()[0].device_kind}" + (" (fake CPU devices)" if on_cpu else "")
+    device = f"{count} x {jax.devices()[0].device_kind}" + (
+        " (fake CPU devices)" if on_cpu and count > 1 else ""
+    )
     print(
         f"devices : {device}, mesh data={mesh[0]} x model={mesh[1]}, "
         f"{args.tp_blocks} tensor-parallel blocks per matrix"
