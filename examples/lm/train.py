@@ -10,6 +10,7 @@ resumed run continues exactly where the interrupted one stopped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from pathlib import Path
@@ -194,6 +195,65 @@ def _jsonable(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
+@dataclasses.dataclass
+class Run:
+    """A model, its optimizer and their state, laid out on the mesh."""
+
+    mesh: jax.sharding.Mesh
+    graphdef: nnx.GraphDef
+    params: dict
+    tx: optax.GradientTransformation
+    opt_state: Any
+
+
+def build(config: Config) -> Run:
+    """Builds the model under the mesh (so parameters are created sharded) and its optimizer,
+    with the specs and block grids read off the model's `nnx.with_partitioning` annotations."""
+    config.check()
+    mesh = make_mesh(config)
+    with jax.set_mesh(mesh):
+        model = GPT(config.model, nnx.Rngs(config.seed))
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
+    tx = optimizers.build(
+        config.optimizer,
+        config.learning_rate,
+        steps=config.steps,
+        params=params,
+        period=config.period,
+        specs=specs,
+        mesh=mesh,
+        block_grid=block_grids(specs, config.tp_blocks, mesh.shape[MODEL]),
+        weight_decay=config.weight_decay,
+    )
+    return Run(mesh, graphdef, params, tx, _on_mesh(tx.init(params), mesh))
+
+
+def compile_steps(run: Run, config: Config) -> tuple[Any, Any]:
+    """The training step (params, opt_state, x, y) -> (params, opt_state, loss), compiled
+    ahead of time with donated state, and the evaluation loss (params, x, y) -> loss."""
+    batch = NamedSharding(run.mesh, P(DATA, None))
+    replicated = NamedSharding(run.mesh, P())
+    param_sh, opt_sh = _shardings(run.params), _shardings(run.opt_state)
+    loss_fn = functools.partial(_loss, run.graphdef)
+
+    def step(params, opt_state, x, y):
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+        updates, opt_state = run.tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    tokens = jax.ShapeDtypeStruct((config.batch, config.seq), jnp.int32, sharding=batch)
+    step_fn = jax.jit(
+        step,
+        in_shardings=(param_sh, opt_sh, batch, batch),
+        out_shardings=(param_sh, opt_sh, replicated),
+        donate_argnums=(0, 1),
+    )
+    eval_fn = jax.jit(loss_fn, in_shardings=(param_sh, batch, batch), out_shardings=replicated)
+    return step_fn.lower(run.params, run.opt_state, tokens, tokens).compile(), eval_fn
+
+
 def train(
     config: Config,
     *,
@@ -222,27 +282,10 @@ def train(
       is not timed), "compile_s", "steps" and "evals" (per-step and per-evaluation records),
       "devices", "mesh".
     """
-    config.check()
     corpus = corpus if corpus is not None else data_lib.load_corpus(config.data)
     data_lib.check_length(corpus, config.seq)
-    mesh = make_mesh(config)
-    with jax.set_mesh(mesh):
-        model = GPT(config.model, nnx.Rngs(config.seed))
-    graphdef, state = nnx.split(model)
-    params = nnx.to_pure_dict(state)
-    specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
-    tx = optimizers.build(
-        config.optimizer,
-        config.learning_rate,
-        steps=config.steps,
-        params=params,
-        period=config.period,
-        specs=specs,
-        mesh=mesh,
-        block_grid=block_grids(specs, config.tp_blocks, mesh.shape[MODEL]),
-        weight_decay=config.weight_decay,
-    )
-    opt_state = _on_mesh(tx.init(params), mesh)
+    run = build(config)
+    params, opt_state = run.params, run.opt_state
     record: dict[str, Any] = {"config": dataclasses.asdict(config), "steps": [], "evals": []}
 
     checkpoints = None
@@ -255,34 +298,10 @@ def train(
         _check_same_config(saved["config"], config)
         params, opt_state, record = restored["params"], restored["opt_state"], saved
 
-    batch_sharding = NamedSharding(mesh, P(DATA, None))
-    param_sh, opt_sh = _shardings(params), _shardings(opt_state)
-    replicated = NamedSharding(mesh, P())
-
-    def step(params, opt_state, x, y):
-        loss, grads = jax.value_and_grad(lambda p: _loss(graphdef, p, x, y))(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    tokens = jax.ShapeDtypeStruct((config.batch, config.seq), jnp.int32, sharding=batch_sharding)
     began = time.perf_counter()
-    step_fn = (
-        jax.jit(
-            step,
-            in_shardings=(param_sh, opt_sh, batch_sharding, batch_sharding),
-            out_shardings=(param_sh, opt_sh, replicated),
-            donate_argnums=(0, 1),
-        )
-        .lower(params, opt_state, tokens, tokens)
-        .compile()
-    )
-    eval_fn = jax.jit(
-        lambda p, x, y: _loss(graphdef, p, x, y),
-        in_shardings=(param_sh, batch_sharding, batch_sharding),
-        out_shardings=replicated,
-    )
+    step_fn, eval_fn = compile_steps(run, config)
     compile_s = time.perf_counter() - began
-    to_device = lambda a: jax.device_put(a, batch_sharding)
+    to_device = lambda a: jax.device_put(a, NamedSharding(run.mesh, P(DATA, None)))
     val_batches = [
         tuple(map(to_device, b))
         for b in data_lib.validation_batches(
@@ -304,14 +323,13 @@ def train(
         t0 = time.perf_counter()
         params, opt_state, loss = step_fn(params, opt_state, x, y)
         # One step in flight at a time: also what keeps XLA:CPU collectives from deadlocking
-        # with many fake devices on few cores (shared/REFERENCE.md §3).
+        # with many fake devices on few cores (see tests/conftest.py).
         loss = float(jax.block_until_ready(loss))
         dt = time.perf_counter() - t0
         kind = optimizers.step_kind(config.optimizer, config.period, t)
         # The first step a process runs also sets up thread pools and buffers: not timed.
-        timed = t > start
         record["steps"].append(
-            {"step": t + 1, "train_loss": loss, "time_s": dt, "kind": kind, "timed": timed}
+            {"step": t + 1, "train_loss": loss, "time_s": dt, "kind": kind, "timed": t > start}
         )
         if (t + 1) % config.eval_every == 0 or t + 1 == config.steps:
             record["evals"].append({"step": t + 1, "val_loss": evaluate()})
@@ -329,8 +347,8 @@ def train(
     metrics.update(
         lr=config.learning_rate,
         compile_s=compile_s,
-        devices=f"{len(mesh.devices.flat)} x {mesh.devices.flat[0].platform}",
-        mesh=dict(mesh.shape),
+        devices=f"{run.mesh.size} x {run.mesh.devices.flat[0].platform}",
+        mesh=dict(run.mesh.shape),
     )
     if return_params:
         metrics["params"] = params
