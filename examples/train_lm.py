@@ -116,6 +116,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--period", type=_positive, default=5, help="MuonBP's full-step period")
     p.add_argument(
+        "--block-lr-ratio",
+        type=_positive_float,
+        default=1.0,
+        help="learning rate of MuonBP's and BlockMuon's block steps, as a multiple of the rate",
+    )
+    p.add_argument(
         "--mesh",
         type=_mesh,
         default=None,
@@ -193,6 +199,7 @@ def prepare(p: argparse.ArgumentParser, argv: list[str] | None) -> Setup:
         "heads",
         "lr",
         "period",
+        "block_lr_ratio",
         "mesh",
         "tp_blocks",
         "seed",

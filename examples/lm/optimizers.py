@@ -68,6 +68,7 @@ def build(
     mesh: jax.sharding.Mesh | None = None,
     block_grid: Any = None,
     weight_decay: float = 0.0,
+    block_lr_ratio: float = 1.0,
 ) -> optax.GradientTransformation:
     """The optimizer `name` (one of OPTIMIZERS) for `params`.
 
@@ -75,6 +76,7 @@ def build(
       specs, mesh: the parameters' PartitionSpecs and mesh (MuonBP needs them on a mesh with
         Auto axes to find each device's block).
       block_grid: per-leaf `(r, c)` tiling of the device-local blocks (see model.block_grids).
+      block_lr_ratio: MuonBP's block-step learning rate as a multiple of `lr` (same schedule).
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
@@ -95,6 +97,7 @@ def build(
         )
     return muonbp_jax.muonbp(
         rate,
+        block_learning_rate=None if block_lr_ratio == 1 else schedule(block_lr_ratio * lr, steps),
         period=period_of(name, period),
         weight_decay=weight_decay,
         adam_b1=ADAM["b1"],
