@@ -29,8 +29,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,32 +108,6 @@ def plan(
     return runs
 
 
-@contextmanager
-def block_lr_ratio(ratio: float) -> Iterator[None]:
-    """Makes the example's MuonBP use block_learning_rate = ratio × learning_rate (a schedule
-    or a number), by wrapping `muonbp_jax.muonbp` while the run is built."""
-    import muonbp_jax
-
-    original = muonbp_jax.muonbp
-    if ratio == 1.0:
-        yield
-        return
-
-    def scaled(learning_rate, *args, **kwargs):
-        if callable(learning_rate):
-            block = lambda t: ratio * learning_rate(t)
-        else:
-            block = ratio * learning_rate
-        kwargs.setdefault("block_learning_rate", block)
-        return original(learning_rate, *args, **kwargs)
-
-    muonbp_jax.muonbp = scaled
-    try:
-        yield
-    finally:
-        muonbp_jax.muonbp = original
-
-
 def run_one(run: Run, shape: dict, corpus: Any, n_devices: int, lr: float | None) -> dict:
     from lm import train as train_lib
 
@@ -146,12 +119,12 @@ def run_one(run: Run, shape: dict, corpus: Any, n_devices: int, lr: float | None
         mesh=mesh,
         seed=run.seed,
         lr=None if run.optimizer == "adamw" else lr,
+        block_lr_ratio=run.lr_ratio,
         eval_batches=4,
         **shape,
     )
     began = time.perf_counter()
-    with block_lr_ratio(run.lr_ratio):
-        metrics = train_lib.train(config, corpus=corpus, progress=False)
+    metrics = train_lib.train(config, corpus=corpus, progress=False)
     return {
         **dataclasses.asdict(run),
         "final_val_loss": metrics["final_val_loss"],
@@ -337,10 +310,10 @@ def plots(results: list[dict], periods, tps, out: Path) -> list[Path]:
     plt.close(fig)
     written.append(path)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8.5, 4))
     tp = max(tps)
     for r in results:
-        if r["lr_ratio"] != 1.0 or r["seed"] != min(x["seed"] for x in results):
+        if r["seed"] != min(x["seed"] for x in results):
             continue
         if r["optimizer"] in ("muonbp", "blockmuon") and r["tp"] != tp:
             continue
@@ -348,12 +321,14 @@ def plots(results: list[dict], periods, tps, out: Path) -> list[Path]:
         label = {"muon": "Muon", "adamw": "AdamW", "blockmuon": "BlockMuon"}.get(
             r["optimizer"], f"MuonBP P={p}"
         )
+        if r["lr_ratio"] != 1.0:
+            label += f", block lr ×{r['lr_ratio']:g}"
         steps = [e["step"] for e in r["evals"]]
         ax.plot(steps, [e["val_loss"] for e in r["evals"]], marker=".", label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss")
     ax.set_title(f"TP {tp}, seed {min(x['seed'] for x in results)}")
-    ax.legend()
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = out / "convergence_curves.png"
