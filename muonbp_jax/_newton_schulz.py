@@ -140,35 +140,8 @@ def _gram_newton_schulz(x: jax.Array, schedule: np.ndarray) -> jax.Array:
     return q @ x
 
 
-# Sums of squares above this are computed without underflow loss (subnormal squares of a
-# matrix of 1e9 entries add at most ~1e-29), and finite ones without overflow.
-_SAFE_SUM_OF_SQUARES = 1e-20
-
-
-def _frobenius(x: jax.Array, eps: float) -> jax.Array:
-    # One pass over x (max and sum of squares are sibling reductions) when no matrix of the
-    # batch is near float32's range limits; the rescaled form below only when one is.
-    peak = jnp.max(jnp.abs(x), axis=(-2, -1), keepdims=True)
-    sumsq = jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True)
-    safe = jnp.isfinite(sumsq) & ((sumsq > _SAFE_SUM_OF_SQUARES) | (peak == 0))
-
-    def direct():
-        return jnp.ones_like(peak), jnp.sqrt(sumsq) + eps
-
-    def rescaled():
-        # x / (norm(x) + eps) computed as (x / peak) / (norm(x / peak) + eps / peak).
-        root = jnp.sqrt(jnp.where(peak > 0, peak, 1.0))
-        norm = jnp.sqrt(jnp.sum(jnp.square(x / root / root), axis=(-2, -1), keepdims=True))
-        return root, norm + eps / jnp.square(root)
-
-    root, denominator = jax.lax.cond(jnp.all(safe), direct, rescaled)
-    return x / root / root / denominator
-
-
 def _precondition(x: jax.Array, preconditioning: str, eps: float) -> jax.Array:
     """Scales x (float32) so that its spectral norm is at most 1."""
-    if preconditioning == "frobenius":
-        return _frobenius(x, eps)
     # Squares overflow float32 above ~1.8e19 (a 1e30 gradient gave a zero update) and underflow
     # below ~1e-19, so norms are taken of x / max|x| per matrix, with eps rescaled to match:
     # the result is still x / (norm(x) + eps), or x·rsqrt(max(·, eps)) for the Gram forms.
@@ -178,6 +151,9 @@ def _precondition(x: jax.Array, preconditioning: str, eps: float) -> jax.Array:
     # subnormal (flushed to zero on CPU) for peak > 2**126.
     root = jnp.sqrt(peak)
     x, eps_gram, eps = x / root / root, eps / jnp.square(peak), eps / peak
+    if preconditioning == "frobenius":
+        norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True))
+        return x / (norm + eps)
     if preconditioning == "spectral":
         norm = jnp.linalg.norm(x, ord=2, axis=(-2, -1), keepdims=True)
         return x / (norm + eps)
