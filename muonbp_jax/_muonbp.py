@@ -27,9 +27,9 @@ from muonbp_jax import _sharding
 from muonbp_jax._newton_schulz import (
     NS_METHODS,
     Coeffs,
-    NewtonSchulz,
     Preconditioning,
     coefficient_schedule,
+    orthogonalize,
 )
 
 DEFAULT_NS_STEPS = 5
@@ -215,7 +215,8 @@ def scale_by_muonbp(
             mu_hat = optax.tree.bias_correction(mu, beta, count_inc)
 
         the_mesh, layouts = plan(mu_hat)
-        orth = NewtonSchulz(
+        orth = functools.partial(
+            orthogonalize,
             ns_coeffs=ns_coeffs,
             ns_steps=_static_ns_steps(ns_steps),
             eps=eps,

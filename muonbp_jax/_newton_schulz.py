@@ -7,15 +7,14 @@ unchanged; only what they feed it differs.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Literal, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-Coeffs = str | Sequence[float] | Sequence[Sequence[float]] | np.ndarray | jax.Array
+Coeffs = Union[str, Sequence[float], Sequence[Sequence[float]], np.ndarray, jax.Array]
 Preconditioning = Literal["frobenius", "spectral", "aol", "schatten"]
 Method = Literal["newton_schulz", "gram"]
 
@@ -208,64 +207,32 @@ def orthogonalize(
       An array like `x` whose matrices have singular values near 1 (in [0.7, 1.2] for the
       Jordan coefficients, by design) and the singular vectors of `x`.
     """
-    return NewtonSchulz(ns_coeffs, ns_steps, eps, preconditioning, dtype, method)(x)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class NewtonSchulz:
-    """`orthogonalize` with its settings bound (validated once): calling it orthogonalizes.
-
-    Its two halves, `prepare` (normalize in float32, cast) and `iterate`, let
-    `orthogonalize_many` concatenate same-shape matrices once they are in the iteration's
-    half-precision dtype, not as float32 momentum: a quarter of the bytes moved.
-    """
-
-    ns_coeffs: Coeffs = "jordan"
-    ns_steps: int = 5
-    eps: float = 1e-8
-    preconditioning: Preconditioning = "frobenius"
-    dtype: Any = jnp.bfloat16
-    method: Method = "newton_schulz"
-
-    def __post_init__(self) -> None:
-        if self.method not in NS_METHODS:
-            raise ValueError(
-                f"Unknown Newton–Schulz method {self.method!r}; use one of {NS_METHODS}."
-            )
-        if self.preconditioning not in PRECONDITIONINGS:
-            raise ValueError(
-                f"Unknown preconditioning {self.preconditioning!r}; use one of {PRECONDITIONINGS}."
-            )
-        object.__setattr__(self, "schedule", coefficient_schedule(self.ns_coeffs, self.ns_steps))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        if x.ndim < 2:
-            raise ValueError(f"orthogonalize needs an array of rank >= 2, got shape {x.shape}.")
-        transposed = x.shape[-2] > x.shape[-1]
-        y = jnp.swapaxes(x, -1, -2) if transposed else x
-        y = self.iterate(self.prepare(y))
-        return (jnp.swapaxes(y, -1, -2) if transposed else y).astype(x.dtype)
-
-    def _gram(self, shape: tuple[int, ...]) -> bool:
-        return self.method == "gram" and _uses_gram(*shape[-2:], len(self.schedule))
-
-    def prepare(self, y: jax.Array) -> jax.Array:
-        """Wide matrices (m ≤ n) -> normalized, in the dtype `iterate` works in."""
-        compute = jnp.dtype(jnp.float32 if self.dtype is None else self.dtype)
-        if compute == jnp.bfloat16 and self._gram(y.shape):
-            compute = jnp.dtype(jnp.float16)
-        return _precondition(y.astype(jnp.float32), self.preconditioning, self.eps).astype(compute)
-
-    def iterate(self, y: jax.Array) -> jax.Array:
-        if self._gram(y.shape):
-            return _gram_newton_schulz(y, self.schedule)
-        if len(set(map(tuple, self.schedule))) == 1:
-            a, b, c = (float(v) for v in self.schedule[0])
-            step = lambda _, z: _newton_schulz_step(z, a, b, c)
-            return jax.lax.fori_loop(0, len(self.schedule), step, y, unroll=True)
-        for a, b, c in self.schedule:
+    if x.ndim < 2:
+        raise ValueError(f"orthogonalize needs an array of rank >= 2, got shape {x.shape}.")
+    if method not in NS_METHODS:
+        raise ValueError(f"Unknown Newton–Schulz method {method!r}; use one of {NS_METHODS}.")
+    schedule = coefficient_schedule(ns_coeffs, ns_steps)
+    compute_dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
+    transposed = x.shape[-2] > x.shape[-1]
+    y = jnp.swapaxes(x, -1, -2) if transposed else x
+    gram = method == "gram" and _uses_gram(*y.shape[-2:], len(schedule))
+    if gram and compute_dtype == jnp.bfloat16:
+        compute_dtype = jnp.dtype(jnp.float16)
+    y = _precondition(y.astype(jnp.float32), preconditioning, eps)
+    y = y.astype(compute_dtype)
+    if gram:
+        y = _gram_newton_schulz(y, schedule)
+    elif len(set(map(tuple, schedule))) == 1:
+        a, b, c = (float(v) for v in schedule[0])
+        y = jax.lax.fori_loop(
+            0, len(schedule), lambda _, z: _newton_schulz_step(z, a, b, c), y, unroll=True
+        )
+    else:
+        for a, b, c in schedule:
             y = _newton_schulz_step(y, float(a), float(b), float(c))
-        return y
+    if transposed:
+        y = jnp.swapaxes(y, -1, -2)
+    return y.astype(x.dtype)
 
 
 def orthogonalize_many(
@@ -273,8 +240,7 @@ def orthogonalize_many(
 ) -> list[jax.Array]:
     """Applies `orth` to a list of (batch, m, n) arrays, one batched call per matrix shape.
 
-    Matrices are put in wide form (m ≤ n) first, so an m×n and an n×m share a call. A
-    `NewtonSchulz` normalizes and casts each matrix before the concatenation.
+    Matrices are put in wide form (m ≤ n) first, so an m×n and an n×m share a call.
     """
     wide = [jnp.swapaxes(m, -1, -2) if m.shape[-2] > m.shape[-1] else m for m in matrices]
     groups: dict[tuple[int, int, jnp.dtype], list[int]] = {}
@@ -282,19 +248,15 @@ def orthogonalize_many(
         groups.setdefault((*m.shape[-2:], m.dtype), []).append(i)
     out: list[jax.Array | None] = [None] * len(wide)
     for members in groups.values():
-        if isinstance(orth, NewtonSchulz):
-            result = orth.iterate(_concatenate([orth.prepare(wide[i]) for i in members]))
-        else:
-            result = orth(_concatenate([wide[i] for i in members]))
+        stacked = (
+            jnp.concatenate([wide[i] for i in members]) if len(members) > 1 else wide[members[0]]
+        )
+        result = orth(stacked)
         offset = 0
         for i in members:
             n = wide[i].shape[0]
-            out[i] = result[offset : offset + n].astype(wide[i].dtype)
+            out[i] = result[offset : offset + n]
             offset += n
     return [
         jnp.swapaxes(o, -1, -2) if m.shape[-2] > m.shape[-1] else o for o, m in zip(out, matrices)
     ]
-
-
-def _concatenate(arrays: list[jax.Array]) -> jax.Array:
-    return jnp.concatenate(arrays) if len(arrays) > 1 else arrays[0]
