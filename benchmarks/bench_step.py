@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import muonbp_jax
 from benchmarks import _timing
-from muonbp_jax import MuonDimensionNumbers, _newton_schulz, _sharding
+from muonbp_jax import MuonDimensionNumbers, _sharding
 from muonbp_jax._newton_schulz import (
     _newton_schulz_step,
     _precondition,
@@ -328,15 +328,7 @@ def overheads(model: Model) -> dict[str, Run]:
         ns_method="gram",
         muon_weight_dimension_numbers=dims,
     )
-    many = _sharding.orthogonalize_many
     return {
-        # a plain callable takes orthogonalize_many's generic path: float32 concatenation
-        "concatenate float32 momentum, then normalize": Run(
-            fast, "gram", ((_sharding, "orthogonalize_many", lambda ms, o: many(ms, o.__call__)),)
-        ),
-        "normalization always rescaled (the degenerate-input path)": Run(
-            fast, "gram", ((_newton_schulz, "_SAFE_SUM_OF_SQUARES", float("inf")),)
-        ),
         "without the weight-decay pass (weight_decay=0)": Run(
             fast, "gram", ((optax, "add_decayed_weights", lambda *a, **k: optax.identity()),)
         ),
