@@ -162,8 +162,33 @@ def _select(results: list[dict], **where) -> list[float]:
     return [
         r["final_val_loss"]
         for r in results
-        if all(r[k] == v for k, v in where.items()) and r["final_val_loss"] is not None
+        if _matches(r, where) and r["final_val_loss"] is not None
     ]
+
+
+def _optimizer(period: int | None) -> str:
+    return "muon" if period == 1 else "blockmuon" if period is None else "muonbp"
+
+
+def _where(period: int | None, tp: int) -> dict:
+    """The runs of one (P, TP) cell at block lr ratio 1; Muon does not depend on TP."""
+    where = {"optimizer": _optimizer(period), "period": period, "lr_ratio": 1.0}
+    if period != 1:
+        where["tp"] = tp
+    return where
+
+
+def _matches(r: dict, where: dict) -> bool:
+    return all(r[k] == v for k, v in where.items())
+
+
+def _grid(periods, tps, cell) -> list[str]:
+    """A Markdown table with rows P and columns TP degree; cell(P, tp) gives each entry."""
+    lines = ["| P | " + " | ".join(f"TP {tp}" for tp in tps) + " |", "|---|" + "---|" * len(tps)]
+    for p in periods:
+        row = " | ".join(cell(p, tp) for tp in tps)
+        lines.append(f"| {'∞' if p is None else p} | {row} |")
+    return lines
 
 
 def tables(results: list[dict], periods, tps, ratio_period: int, ratio_tp: int) -> str:
@@ -176,19 +201,15 @@ def tables(results: list[dict], periods, tps, ratio_period: int, ratio_tp: int) 
             "steps do not depend on the blocks, run once at the largest degree):"
         ),
         "",
-        "| P | " + " | ".join(f"TP {tp}" for tp in tps) + " |",
-        "|---|" + "---|" * len(tps),
     ]
-    for p in periods:
-        name = "muon" if p == 1 else "blockmuon" if p is None else "muonbp"
-        cells = []
-        for tp in tps:
-            where = {"optimizer": name, "period": p, "lr_ratio": 1.0}
-            if p != 1:
-                where["tp"] = tp
-            cells.append(_cell(_select(results, **where)))
-        lines.append(f"| {'∞' if p is None else p} | " + " | ".join(cells) + " |")
+    lines += _grid(periods, tps, lambda p, tp: _cell(_select(results, **_where(p, tp))))
     muon = {r["seed"]: r["final_val_loss"] for r in results if r["optimizer"] == "muon"}
+
+    def delta(p, tp) -> str:
+        rs = [r for r in results if _matches(r, _where(p, tp)) and r["seed"] in muon]
+        mean, spread, n = _stats([r["final_val_loss"] - muon[r["seed"]] for r in rs])
+        return "–" if not n else f"{mean:+.4f}" + (f" ± {spread:.4f}" if n > 1 else "")
+
     if muon:
         lines += [
             "",
@@ -197,27 +218,8 @@ def tables(results: list[dict], periods, tps, ratio_period: int, ratio_tp: int) 
                 "moves every run's loss together, so this separates a difference from noise):"
             ),
             "",
-            "| P | " + " | ".join(f"TP {tp}" for tp in tps) + " |",
-            "|---|" + "---|" * len(tps),
         ]
-        for p in periods:
-            if p == 1:
-                continue
-            name = "blockmuon" if p is None else "muonbp"
-            cells = []
-            for tp in tps:
-                rs = [
-                    r
-                    for r in results
-                    if (r["optimizer"], r["period"], r["tp"], r["lr_ratio"]) == (name, p, tp, 1.0)
-                    and r["seed"] in muon
-                ]
-                deltas = [r["final_val_loss"] - muon[r["seed"]] for r in rs]
-                mean, spread, n = _stats(deltas)
-                cells.append(
-                    "–" if not n else f"{mean:+.4f}" + (f" ± {spread:.4f}" if n > 1 else "")
-                )
-            lines.append(f"| {'∞' if p is None else p} | " + " | ".join(cells) + " |")
+        lines += _grid([p for p in periods if p != 1], tps, delta)
     tp = max(tps)
     mid = [p for p in periods if p not in (1, None)]
     main = [("Muon (P=1)", {"optimizer": "muon"})]
@@ -235,7 +237,7 @@ def tables(results: list[dict], periods, tps, ratio_period: int, ratio_tp: int) 
     ]
     for label, where in main:
         where = {**where, "lr_ratio": 1.0}
-        rs = [r for r in results if all(r[k] == v for k, v in where.items())]
+        rs = [r for r in results if _matches(r, where)]
         if not rs:
             continue
         train = _cell([r["final_train_loss"] for r in rs])
@@ -279,11 +281,7 @@ def plots(results: list[dict], periods, tps, out: Path) -> list[Path]:
     for tp in tps:
         pts = []
         for p in periods:
-            name = "muon" if p == 1 else "blockmuon" if p is None else "muonbp"
-            where = {"optimizer": name, "period": p, "lr_ratio": 1.0}
-            if p != 1:
-                where["tp"] = tp
-            mean, spread, n = _stats(_select(results, **where))
+            mean, spread, n = _stats(_select(results, **_where(p, tp)))
             if n:
                 pts.append((xs[p], mean, spread))
         if pts:
@@ -302,13 +300,7 @@ def plots(results: list[dict], periods, tps, out: Path) -> list[Path]:
     ax.set_xticks(list(xs.values()), [("∞" if p is None else str(p)) for p in periods])
     ax.set_xlabel("full-step period P (1: Muon, ∞: BlockMuon)")
     ax.set_ylabel("final validation loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = out / "convergence_grid.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    written.append(_save(fig, ax, out / "convergence_grid.png", {}))
 
     fig, ax = plt.subplots(figsize=(8.5, 4))
     tp = max(tps)
@@ -328,14 +320,20 @@ def plots(results: list[dict], periods, tps, out: Path) -> list[Path]:
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss")
     ax.set_title(f"TP {tp}, seed {min(x['seed'] for x in results)}")
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    legend = {"fontsize": "small", "loc": "upper left", "bbox_to_anchor": (1.02, 1.0)}
+    written.append(_save(fig, ax, out / "convergence_curves.png", legend))
+    return written
+
+
+def _save(fig, ax, path: Path, legend: dict) -> Path:
+    import matplotlib.pyplot as plt
+
+    ax.legend(**legend)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = out / "convergence_curves.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    written.append(path)
-    return written
+    return path
 
 
 # ----------------------------------------------------------------------------- main

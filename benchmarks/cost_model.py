@@ -592,17 +592,10 @@ def _setup_cpu_devices() -> None:
 
 
 def _median_time(fn, *args, repeats: int, warmup: int = 2) -> float:
-    import jax
+    """Median seconds of fn(*args), one call in flight (benchmarks/_timing.py)."""
+    from _timing import median_ms  # imports jax: only after the devices are set up
 
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        samples.append(time.perf_counter() - t0)
-    samples.sort()
-    return samples[len(samples) // 2]
+    return median_ms(fn, *args, iters=repeats, warmup=warmup) / 1e3
 
 
 def calibrate(mesh, shape, dtype, repeats: int, elems: int, chunk: int) -> dict[str, float]:
