@@ -190,23 +190,8 @@ def prepare(p: argparse.ArgumentParser, argv: list[str] | None) -> Setup:
     from lm import data
     from lm.train import Config, mesh_shape
 
-    fields = (
-        "steps",
-        "batch",
-        "seq",
-        "d_model",
-        "layers",
-        "heads",
-        "lr",
-        "period",
-        "block_lr_ratio",
-        "mesh",
-        "tp_blocks",
-        "seed",
-        "data",
-        "eval_every",
-        "checkpoint_every",
-    )
+    # Every option named like a Config field sets that field.
+    fields = {f.name for f in dataclasses.fields(Config)} & set(vars(args))
     configs = {
         name: Config(
             optimizer=name,

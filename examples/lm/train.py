@@ -30,6 +30,7 @@ from lm import optimizers
 from lm.model import DATA, GPT, MODEL, ModelConfig, block_grids
 
 FINAL_TRAIN_WINDOW = 10  # final train loss = mean of the last this-many steps
+_MODEL = ModelConfig()  # the default model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,10 +40,10 @@ class Config:
     optimizer: str = "muonbp"
     steps: int = 300
     batch: int = 16
-    seq: int = 128
-    d_model: int = 128
-    layers: int = 2
-    heads: int = 4
+    seq: int = _MODEL.seq
+    d_model: int = _MODEL.d_model
+    layers: int = _MODEL.layers
+    heads: int = _MODEL.heads
     lr: float | None = None  # None: the optimizer's default (optimizers.DEFAULT_LR)
     period: int = 5  # muonbp's full-step period
     mesh: tuple[int, int] | None = None  # (data, model); None: see default_mesh_shape
@@ -71,19 +72,8 @@ class Config:
                 f"unknown optimizer {self.optimizer!r}; choose from "
                 f"{', '.join(optimizers.OPTIMIZERS)}"
             )
-        for name in (
-            "steps",
-            "batch",
-            "seq",
-            "d_model",
-            "layers",
-            "heads",
-            "period",
-            "tp_blocks",
-            "eval_every",
-            "eval_batches",
-            "checkpoint_every",
-        ):
+        positive = "steps batch seq d_model layers heads period tp_blocks eval_every eval_batches"
+        for name in (*positive.split(), "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         self.model.check(self.tp_blocks)
