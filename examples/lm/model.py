@@ -97,7 +97,7 @@ class Block(nnx.Module):
 
 
 class GPT(nnx.Module):
-    """Pre-norm decoder with learned positions: tokens (batch, seq) -> logits (batch, seq, vocab)."""
+    """Pre-norm decoder, learned positions: tokens (batch, seq) -> logits (batch, seq, vocab)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         normal = nnx.initializers.normal(0.02)
