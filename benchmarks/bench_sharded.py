@@ -117,7 +117,10 @@ def collectives(hlo: str) -> dict[str, Any]:
             continue
         op = hit["op"]
         counts[op] = counts.get(op, 0) + 1
-        size = sum(DTYPE_BYTES.get(t, 4) * _prod(dims) for t, dims in _ARRAY.findall(hit["type"]))
+        arrays = _ARRAY.findall(hit["type"])
+        if "-start(" in line and op in ("all-gather", "collective-permute") and len(arrays) > 1:
+            arrays = arrays[len(arrays) // 2 :]  # async start: (operands..., results...)
+        size = sum(DTYPE_BYTES.get(t, 4) * _prod(dims) for t, dims in arrays)
         if op == "collective-permute":
             moved += size
             continue

@@ -8,13 +8,13 @@ unchanged; only what they feed it differs.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal, Union
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-Coeffs = Union[str, Sequence[float], Sequence[Sequence[float]], np.ndarray, jax.Array]
+Coeffs = str | Sequence[float] | Sequence[Sequence[float]] | np.ndarray | jax.Array
 Preconditioning = Literal["frobenius", "spectral", "aol", "schatten"]
 Method = Literal["newton_schulz", "gram"]
 
@@ -189,7 +189,7 @@ def orthogonalize(
     on the m×m Gram matrix XXᵀ (m ≤ n), with restarts: fewer FLOPs when n ≥ 2m (e.g. 60 vs 90
     m³ for n = 4m, five steps); matrices where it would not save FLOPs use the plain
     iteration. In half precision its iterations run in float16 even when `dtype` is bfloat16:
-    the Gram matrix squares the condition number, and bfloat16's 8-bit mantissa was measured to
+    the Gram matrix squares the condition number, and bfloat16's 7-bit mantissa was measured to
     push singular values of heavy-tailed matrices up to ~2 (float16: within the plain
     iteration's band, at the same matmul speed on GPUs; on TPUs prefer the plain iteration).
 
