@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pkgutil
 import re
 import sys
 
@@ -13,13 +14,16 @@ _COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=(\d+)")
 
 
 def accelerator_requested() -> bool:
-    """Whether jax will find a GPU or TPU: JAX_PLATFORMS names one, or (unset) a GPU/TPU
-    plugin is installed (jax[cuda*], jax[tpu])."""
+    """Whether jax will look for a GPU or TPU: JAX_PLATFORMS names one, or (unset) a PJRT
+    plugin for one is installed (jax[cuda*], jax[rocm], jax[tpu])."""
     platforms = os.environ.get("JAX_PLATFORMS", "").lower()
     if platforms:
         return any(p in platforms for p in ACCELERATOR_PLATFORMS)
-    plugins = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "libtpu")
-    return any(importlib.util.find_spec(name) is not None for name in plugins)
+    if importlib.util.find_spec("libtpu") is not None:
+        return True
+    spec = importlib.util.find_spec("jax_plugins")  # namespace package of PJRT plugins
+    locations = spec.submodule_search_locations if spec is not None else None
+    return bool(locations) and any(pkgutil.iter_modules(list(locations)))
 
 
 def use_cpu_devices(count: int | None = None) -> bool:
