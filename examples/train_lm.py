@@ -18,6 +18,7 @@ import dataclasses
 import datetime
 import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -241,8 +242,23 @@ def run_info(setup: Setup, argv: list[str] | None) -> dict[str, Any]:
         "device": setup.device,
         "cpu_count": os.cpu_count(),
         "versions": {"python": platform.python_version(), **{n: version(n) for n in names}},
+        "commit": _commit(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
+
+
+def _commit() -> str | None:
+    """The repository's commit, with "+dirty" when muonbp_jax/ or examples/ have uncommitted
+    changes (the figures then come from code no commit holds); None outside a git checkout."""
+    root = Path(__file__).resolve().parents[1]
+    git = lambda *a: subprocess.run(
+        ["git", "-C", str(root), *a], capture_output=True, text=True, check=False
+    )
+    head = git("rev-parse", "--short", "HEAD")
+    if head.returncode != 0:
+        return None
+    dirty = git("status", "--porcelain", "--", "muonbp_jax", "examples").stdout.strip()
+    return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
 def main(argv: list[str] | None = None) -> None:
