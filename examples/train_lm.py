@@ -254,7 +254,10 @@ def _commit() -> str | None:
     git = lambda *a: subprocess.run(
         ["git", "-C", str(root), *a], capture_output=True, text=True, check=False
     )
-    head = git("rev-parse", "--short", "HEAD")
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+    except OSError:  # no git
+        return None
     if head.returncode != 0:
         return None
     dirty = git("status", "--porcelain", "--", "muonbp_jax", "examples").stdout.strip()
