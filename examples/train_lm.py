@@ -233,7 +233,14 @@ def prepare(p: argparse.ArgumentParser, argv: list[str] | None) -> Setup:
 
 def run_info(setup: Setup, argv: list[str] | None) -> dict[str, Any]:
     """Command, device, versions and date, stored with the metrics."""
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    def version(name: str) -> str | None:  # None: used from a source tree, not installed
+        try:
+            return installed_version(name)
+        except PackageNotFoundError:
+            return None
 
     names = ("jax", "jaxlib", "optax", "flax", "orbax-checkpoint", "muonbp-jax")
     command = [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
