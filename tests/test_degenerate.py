@@ -77,6 +77,13 @@ def alias(mesh):
     return tx, jax.jit(tx.update)
 
 
+@pytest.fixture(scope="module")
+def alias_f32(mesh):
+    """float32 Newton–Schulz: a rounding that crossed from one matrix to another would show."""
+    tx = muonbp_jax.muonbp(LR, period=PERIOD, ns_dtype="float32", specs=SPECS, mesh=mesh)
+    return tx, jax.jit(tx.update)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_zero_tiny_and_huge_gradients_give_finite_updates(alias, mesh, dtype):
     tx, update = alias
@@ -138,8 +145,8 @@ def test_orthogonalize_forgets_the_scale(scale, ns_dtype):
 
 @pytest.mark.parametrize("bad", ["a", "c", "bias"])
 @pytest.mark.parametrize("value", [np.nan, np.inf])
-def test_a_non_finite_leaf_does_not_spread(alias, mesh, bad, value):
-    tx, update = alias
+def test_a_non_finite_leaf_does_not_spread(alias_f32, mesh, bad, value):
+    tx, update = alias_f32
     clean = [_grads(s) for s in range(4)]  # full, block, full, block
     dirty = [dict(g) for g in clean]
     dirty[0][bad] = dirty[0][bad].copy()
@@ -149,11 +156,9 @@ def test_a_non_finite_leaf_does_not_spread(alias, mesh, bad, value):
         assert not np.isfinite(u[bad]).all(), f"step {step}: the bad leaf {bad} looks finite"
         for name in SHAPES:
             if name != bad:
-                # Finite and unchanged; not always to the bit: a non-finite matrix switches its
-                # whole batch to the rescaled normalization, which rounds differently (~1e-7).
-                assert np.isfinite(u[name]).all(), f"step {step}: NaN reached {name}"
-                err = ref.relative_error(u[name], e[name])
-                assert err < 1e-3, f"step {step}, {name}: relative change {err:.2e}"
+                # To the bit: each matrix of a batch is normalized and iterated on its own, so
+                # nothing of the bad one, not even a rounding, reaches the others.
+                np.testing.assert_array_equal(u[name], e[name], err_msg=f"step {step}, {name}")
 
 
 def _bad_at(grads, step: int):
