@@ -10,15 +10,15 @@ from muonbp_jax._newton_schulz import NS_COEFFS_PRESETS
 from muonbp_jax._newton_schulz import orthogonalize
 from muonbp_jax._sharding import FULL_STRATEGIES
 from muonbp_jax._sharding import partition_specs
-from optax.contrib import MuonDimensionNumbers
+from optax.contrib import MuonDimensionNumbers  # re-exported for per-leaf dimension numbers
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FULL_STRATEGIES",
+    "NS_COEFFS_PRESETS",
     "MuonBPState",
     "MuonDimensionNumbers",
-    "NS_COEFFS_PRESETS",
     "default_muon_labels",
     "is_full_step",
     "muonbp",

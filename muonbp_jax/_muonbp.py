@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from typing import Any, Callable, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -367,7 +367,9 @@ def muonbp(
 
         def param_labels(params):
             dims = _sharding.per_leaf(
-                muon_weight_dimension_numbers, params, name="muon_weight_dimension_numbers",
+                muon_weight_dimension_numbers,
+                params,
+                name="muon_weight_dimension_numbers",
                 is_value=is_dim,
             )
             _, _, treedef = _sharding.leaves_with_paths(params)

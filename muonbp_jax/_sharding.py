@@ -142,7 +142,7 @@ def check_paths_cover(option: Any, params: Any, *, name: str, is_value) -> None:
         hint = (
             f"parameters without an entry: {', '.join(map(repr, uncovered[:8]))}"
             if uncovered
-            else f"parameter paths look like {path_str(sorted(param_paths)[0])!r}"
+            else f"parameter paths look like {path_str(min(param_paths))!r}"
         )
         raise ValueError(
             f"{name} has an entry {path_str(path)!r} that matches no parameter; {hint}."
@@ -282,8 +282,8 @@ def plan(
         block_grid,
         tree,
         name="block_grid",
-        is_value=lambda x: isinstance(x, tuple) and len(x) == 2 and all(
-            isinstance(v, int) for v in x
+        is_value=lambda x: (
+            isinstance(x, tuple) and len(x) == 2 and all(isinstance(v, int) for v in x)
         ),
         default=(1, 1),
     )
@@ -353,8 +353,10 @@ def _layout(path, shape, dim, spec, grid, mesh) -> Layout:
         raise ValueError(f"block_grid for {where!r} must be a pair of ints >= 1, got {grid!r}.")
     if spec is not None:
         if len(spec) > ndim:
-            raise ValueError(f"PartitionSpec {P(*spec)} for {where!r} has more entries than "
-                             f"the parameter's rank {ndim} (shape {shape}).")
+            raise ValueError(
+                f"PartitionSpec {P(*spec)} for {where!r} has more entries than "
+                f"the parameter's rank {ndim} (shape {shape})."
+            )
         spec = tuple(spec) + (None,) * (ndim - len(spec))
         for axis, (size, entry) in enumerate(zip(shape, spec)):
             for name in _entry_axes(entry):
@@ -426,9 +428,7 @@ def _on_mesh(fn, mesh: Mesh | None, layouts: list[Layout], leaves: list[jax.Arra
     # orthogonalize_many concatenates same-shape blocks of leaves with different specs, which
     # marks every output as varying over the union of their axes although each keeps the
     # replication of its own input; the VMA check would reject those outputs.
-    return jax.shard_map(fn, mesh=mesh, in_specs=(specs,), out_specs=specs, check_vma=False)(
-        leaves
-    )
+    return jax.shard_map(fn, mesh=mesh, in_specs=(specs,), out_specs=specs, check_vma=False)(leaves)
 
 
 def block_step(
@@ -520,8 +520,10 @@ def _exchanges(leaves, layouts, mesh: Mesh, min_count: int) -> list[_Exchange]:
             groups.setdefault(key, []).append(i)
     found = []
     for (cuts, *_), members in groups.items():
-        count = sum(math.prod(layouts[i].local_shape(mesh)[a] for a in layouts[i].batch_axes)
-                    for i in members)
+        count = sum(
+            math.prod(layouts[i].local_shape(mesh)[a] for a in layouts[i].batch_axes)
+            for i in members
+        )
         if count >= min_count:
             parts = math.prod(_axes_size(mesh, c) for c in cuts)
             found.append(_Exchange(tuple(members), cuts, count, parts))
@@ -592,7 +594,8 @@ def _full_step_exchange(leaves, layouts, mesh, orth, min_count: int):
     kept = [i for i in range(len(layouts)) if i not in exchanged]
     matrix_spec = [
         tuple(e if a in _matrix_axes(lay) else None for a, e in enumerate(lay.spec))
-        if lay.spec is not None else None
+        if lay.spec is not None
+        else None
         for lay in layouts
     ]
 
@@ -612,8 +615,7 @@ def _full_step_exchange(leaves, layouts, mesh, orth, min_count: int):
 
         outs: list[jax.Array | None] = [None] * len(xs)
         back = [
-            _to_parts(m.reshape(w.shape), e.cuts, mesh)
-            for m, w, e in zip(mats, whole, exchanges)
+            _to_parts(m.reshape(w.shape), e.cuts, mesh) for m, w, e in zip(mats, whole, exchanges)
         ]
         for r, e in zip(_all_to_all_many(back, [e.axes for e in exchanges]), exchanges):
             pieces = r.reshape(-1, *r.shape[2:])[: e.count]
@@ -702,11 +704,10 @@ def place_state_like_params(state: Any, params: Any, specs: Any, mesh: Mesh | No
     if mesh is None:
         return state
     paths, leaves, _ = leaves_with_paths(params)
-    spec_list = per_leaf(specs, params, name="specs",
-                         is_value=lambda x: isinstance(x, PartitionSpec))
-    table = {
-        p: (tuple(x.shape), s) for p, x, s in zip(paths, leaves, spec_list) if s is not None
-    }
+    spec_list = per_leaf(
+        specs, params, name="specs", is_value=lambda x: isinstance(x, PartitionSpec)
+    )
+    table = {p: (tuple(x.shape), s) for p, x, s in zip(paths, leaves, spec_list) if s is not None}
 
     def place(path, x):
         names = path_names(path)

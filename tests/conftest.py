@@ -11,6 +11,6 @@ if "xla_force_host_platform_device_count" not in _flags:
 # A pool of at least twice the device count was seen to prevent it (shared/REFERENCE.md §3).
 os.environ.setdefault("PJRT_NPROC", "16")
 
-import jax  # noqa: E402
+import jax
 
 assert jax.device_count() == 8, "tests expect 8 fake CPU devices; import jax only after conftest"
