@@ -123,6 +123,12 @@ def parser() -> argparse.ArgumentParser:
         help="learning rate of MuonBP's and BlockMuon's block steps, as a multiple of the rate",
     )
     p.add_argument(
+        "--full-strategy",
+        choices=("auto", "gather", "all_to_all"),  # muonbp_jax.FULL_STRATEGIES (jax not yet loaded)
+        default="auto",
+        help="how MuonBP's full steps orthogonalize sharded matrices",
+    )
+    p.add_argument(
         "--mesh",
         type=_mesh,
         default=None,

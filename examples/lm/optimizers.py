@@ -69,6 +69,7 @@ def build(
     block_grid: Any = None,
     weight_decay: float = 0.0,
     block_lr_ratio: float = 1.0,
+    full_strategy: str = "auto",
 ) -> optax.GradientTransformation:
     """The optimizer `name` (one of OPTIMIZERS) for `params`.
 
@@ -77,6 +78,7 @@ def build(
         Auto axes to find each device's block).
       block_grid: per-leaf `(r, c)` tiling of the device-local blocks (see model.block_grids).
       block_lr_ratio: MuonBP's block-step learning rate as a multiple of `lr` (same schedule).
+      full_strategy: MuonBP's full-step strategy (one of muonbp_jax.FULL_STRATEGIES).
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
@@ -104,6 +106,7 @@ def build(
         adam_b2=ADAM["b2"],
         adam_weight_decay=weight_decay,
         specs=specs,
+        full_strategy=full_strategy,
         mesh=mesh,
         block_grid=block_grid,
     )

@@ -49,6 +49,7 @@ class Config:
     mesh: tuple[int, int] | None = None  # (data, model); None: see default_mesh_shape
     tp_blocks: int = 4  # tensor-parallel blocks per matrix (emulated by block_grid if needed)
     block_lr_ratio: float = 1.0  # MuonBP's block-step learning rate / lr
+    full_strategy: str = "auto"  # how MuonBP orthogonalizes whole matrices on full steps
     weight_decay: float = 0.0
     seed: int = 0
     data: str | None = None  # None: the Python standard library's sources
@@ -218,6 +219,7 @@ def build(config: Config) -> Run:
         block_grid=block_grids(specs, config.tp_blocks, mesh.shape[MODEL]),
         weight_decay=config.weight_decay,
         block_lr_ratio=config.block_lr_ratio,
+        full_strategy=config.full_strategy,
     )
     return Run(mesh, graphdef, params, tx, _on_mesh(tx.init(params), mesh))
 
