@@ -1,0 +1,106 @@
+"""What the block/full switch costs: per-update times of a period-P MuonBP loop against the
+same updates compiled alone (period=None for block steps, period=1 for full steps).
+
+The loop threads the optimizer state, so the jitted update sees its counter advance and
+`lax.cond` takes both branches in turn; each update is waited for. On one device a block step is
+emulated with `block_grid`.
+
+    python benchmarks/bench_period.py            # 1.2 B-shaped tree cut to 4 layers (GPU)
+    python benchmarks/bench_period.py --small    # tiny tree (CPU check)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _timing
+import bench_step
+
+import muonbp_jax
+
+
+def loop_times(tx, params, grads, updates: int) -> list[float]:
+    """Wall ms of each of `updates` consecutive updates (after one warm-up period's worth)."""
+    state = jax.jit(tx.init)(params)
+    step = jax.jit(tx.update)
+    times = []
+    for i in range(updates):
+        start = time.perf_counter()
+        out, state = step(grads, state, params)
+        jax.block_until_ready(out)
+        times.append(1e3 * (time.perf_counter() - start))
+    return times
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="tiny tree, for a CPU check")
+    parser.add_argument("--period", type=int, default=5)
+    parser.add_argument("--periods", type=int, default=6, help="timed periods")
+    parser.add_argument("--block-grid", default="1,8", help="r,c tiles emulating TP blocks")
+    parser.add_argument("--out", default=None, help="write the figures to this JSON file")
+    args = parser.parse_args(argv)
+
+    model = bench_step.SMALL if args.small else bench_step.Model(2048, 8192, 4, 32000)
+    params = bench_step.random_tree(model, seed=0, scale=0.02)
+    grads = bench_step.random_tree(model, seed=1, scale=1e-3)
+    grid = tuple(int(v) for v in args.block_grid.split(","))
+    common = {
+        "muon_weight_dimension_numbers": bench_step.routing(model),
+        "block_grid": grid,
+        "ns_coeffs": "polar_express",
+        "ns_method": "gram",
+    }
+    p, n = args.period, args.period * (args.periods + 1)
+    runs = {
+        f"P={p}": loop_times(muonbp_jax.muonbp(1e-3, period=p, **common), params, grads, n),
+        "block alone": loop_times(muonbp_jax.muonbp(1e-3, period=None, **common), params, grads, n),
+        "full alone": loop_times(muonbp_jax.muonbp(1e-3, period=1, **common), params, grads, n),
+    }
+    timed = {k: v[p:] for k, v in runs.items()}  # the first period absorbs compilation
+    loop = timed[f"P={p}"]
+    full_in_loop = statistics.median(loop[0::p])
+    block_in_loop = statistics.median([t for i, t in enumerate(loop) if i % p])
+    block, full = statistics.median(timed["block alone"]), statistics.median(timed["full alone"])
+    rows = [
+        {
+            "update": "block step",
+            "alone ms": block,
+            "in P loop ms": block_in_loop,
+            "overhead ms": block_in_loop - block,
+        },
+        {
+            "update": "full step",
+            "alone ms": full,
+            "in P loop ms": full_in_loop,
+            "overhead ms": full_in_loop - full,
+        },
+        {
+            "update": f"mean of P={p}",
+            "alone ms": ((p - 1) * block + full) / p,
+            "in P loop ms": statistics.mean(loop),
+            "overhead ms": statistics.mean(loop) - ((p - 1) * block + full) / p,
+        },
+    ]
+    print(
+        _timing.table(
+            rows,
+            ["update", "alone ms", "in P loop ms", "overhead ms"],
+            f"{jax.devices()[0].device_kind}, block_grid {grid}",
+        )
+    )
+    payload = {"environment": _timing.environment(), "rows": rows, "raw_ms": timed}
+    _timing.write_json(args.out, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
