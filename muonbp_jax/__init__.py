@@ -1,6 +1,8 @@
 """muonbp_jax: MuonBP (Muon with block-periodic orthogonalization) for JAX and optax."""
 
+from muonbp_jax._muonbp import BLOCK_LR_RULES
 from muonbp_jax._muonbp import MuonBPState
+from muonbp_jax._muonbp import block_lr_factor
 from muonbp_jax._muonbp import default_muon_labels
 from muonbp_jax._muonbp import is_full_step
 from muonbp_jax._muonbp import muonbp
@@ -15,10 +17,12 @@ from optax.contrib import MuonDimensionNumbers  # re-exported for per-leaf dimen
 __version__ = "0.1.0"
 
 __all__ = [
+    "BLOCK_LR_RULES",
     "FULL_STRATEGIES",
     "NS_COEFFS_PRESETS",
     "MuonBPState",
     "MuonDimensionNumbers",
+    "block_lr_factor",
     "default_muon_labels",
     "is_full_step",
     "muonbp",

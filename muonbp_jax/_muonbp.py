@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -70,7 +70,7 @@ def is_full_step(count: jax.Array, period: Period) -> jax.Array | bool:
     return jnp.asarray(count) % period == 0
 
 
-def shape_scale(rows: int, cols: int, consistent_rms: Any) -> jax.Array:
+def shape_scale(rows: int, cols: int, consistent_rms: float | None) -> float:
     """Update multiplier for an orthogonalized rows×cols matrix (rows = fan-in).
 
     `consistent_rms·sqrt(max(rows, cols))` gives every matrix update RMS ≈ consistent_rms
@@ -78,8 +78,56 @@ def shape_scale(rows: int, cols: int, consistent_rms: Any) -> jax.Array:
     `sqrt(max(1, cols/rows))`.
     """
     if consistent_rms is None:
-        return jnp.asarray(math.sqrt(max(1.0, cols / rows)), jnp.float32)
-    return jnp.asarray(consistent_rms, jnp.float32) * math.sqrt(max(rows, cols))
+        return math.sqrt(max(1.0, cols / rows))
+    return consistent_rms * math.sqrt(max(rows, cols))
+
+
+BlockLrRule = Literal["spectral", "sqrt_blocks", "quarter", "none"]
+BLOCK_LR_RULES: tuple[str, ...] = ("spectral", "sqrt_blocks", "quarter", "none")
+DEFAULT_BLOCK_LR_RULE = "spectral"
+
+
+def block_lr_factor(
+    matrix_shape: tuple[int, int],
+    block_shape: tuple[int, int],
+    rule: BlockLrRule = DEFAULT_BLOCK_LR_RULE,
+    consistent_rms: float | None = 0.2,
+) -> float:
+    """The factor ρ by which a block step's rate differs from a full step's, for one leaf.
+
+    A leaf whose m×n matrices are cut into k = (m/a)·(n/b) blocks of a×b on block steps (mesh
+    tiles × `block_grid`) takes, on block steps, `block_learning_rate · ρ` with
+
+    * `"spectral"` (default): ρ = s(m, n) / (s(a, b)·√k), where s is `shape_scale`. Each block
+      update is s(a, b) times an orthogonal matrix; k such blocks side by side and stacked have
+      spectral norm at most s(a, b)·√k (attained when the blocks share singular vectors, as
+      those of a low-rank gradient do), the full update exactly s(m, n). ρ makes the block
+      update's worst-case spectral norm equal the full update's; with RMS matching it lies in
+      [1/√k, 1], the range the paper's analysis gives for η_block/η_full (Khaled et al. 2025).
+    * `"sqrt_blocks"`: ρ = 1/√k;  `"quarter"`: ρ = k^(-1/4), the geometric middle of that range;
+    * `"none"`: ρ = 1 (block steps at the full rate).
+
+    A leaf with a single block (replicated, or split only on batch axes) gets ρ = 1 exactly.
+    """
+    (m, n), (a, b) = matrix_shape, block_shape
+    blocks = (m // a) * (n // b)
+    if blocks == 1 or rule == "none":
+        return 1.0
+    if rule == "sqrt_blocks":
+        return blocks**-0.5
+    if rule == "quarter":
+        return blocks**-0.25
+    if rule == "spectral":
+        return shape_scale(m, n, consistent_rms) / shape_scale(a, b, consistent_rms) / blocks**0.5
+    raise ValueError(f"block_lr_rule must be one of {BLOCK_LR_RULES}, got {rule!r}.")
+
+
+def _check_block_lr_rule(rule: Any) -> None:
+    if rule not in BLOCK_LR_RULES:
+        raise ValueError(
+            f"block_lr_rule must be one of {BLOCK_LR_RULES} (\"none\": block steps at the full "
+            f"rate), got {rule!r}."
+        )
 
 
 def _static_ns_steps(ns_steps: Any) -> int:
@@ -127,6 +175,7 @@ def scale_by_muonbp(
     block_grid: Any = None,
     full_strategy: str = "auto",
     ns_method: str = "newton_schulz",
+    block_lr_rule: BlockLrRule = DEFAULT_BLOCK_LR_RULE,
 ) -> optax.GradientTransformation:
     """Momentum, block-periodic orthogonalization and shape scaling (no learning rate).
 
@@ -160,6 +209,8 @@ def scale_by_muonbp(
       ns_method: `"newton_schulz"` iterates on each matrix X; `"gram"` computes the same
         polynomial on the smaller XXᵀ (float16 in place of bfloat16), fewer FLOPs for matrices
         at least twice as wide as tall (see `muonbp_jax.orthogonalize`).
+      block_lr_rule: how block updates are scaled relative to full ones, per leaf, from the
+        number and shape of its blocks (see `block_lr_factor`); `"none"` scales both alike.
 
     Returns:
       An `optax.GradientTransformation` with state `MuonBPState`.
@@ -169,6 +220,7 @@ def scale_by_muonbp(
       <https://arxiv.org/abs/2510.16981>`_, 2025
     """
     _check_period(period)
+    _check_block_lr_rule(block_lr_rule)
     if full_strategy not in _sharding.FULL_STRATEGIES:
         raise ValueError(
             f"full_strategy must be one of {_sharding.FULL_STRATEGIES}, got {full_strategy!r}."
@@ -226,20 +278,28 @@ def scale_by_muonbp(
         )
         leaves, treedef = jax.tree.flatten(mu_hat)
 
-        def step(kind):
-            def run(xs):
-                outs, shapes = kind(xs, layouts, the_mesh, orth)
-                return outs, [shape_scale(r, c, consistent_rms) for r, c in shapes]
+        def full(xs):
+            return _sharding.full_step(xs, layouts, the_mesh, orth, strategy=full_strategy)
 
-            return run
+        def block(xs):
+            return _sharding.block_step(xs, layouts, the_mesh, orth)
 
-        full = step(functools.partial(_sharding.full_step, strategy=full_strategy))
-        block = step(_sharding.block_step)
+        # Static per leaf: the shape scale of what each kind of step orthogonalizes and, on block
+        # steps, the leaf's block step-size factor.
+        full_scales = [shape_scale(*lay.matrix_shape, consistent_rms) for lay in layouts]
+        block_scales = []
+        for lay in layouts:
+            rows, cols = lay.block_shape(the_mesh)
+            factor = block_lr_factor(lay.matrix_shape, (rows, cols), block_lr_rule, consistent_rms)
+            block_scales.append(shape_scale(rows, cols, consistent_rms) * factor)
+
         is_full = is_full_step(state.count, period)
         if isinstance(is_full, bool):
-            orthogonal, scales = (full if is_full else block)(leaves)
+            orthogonal = (full if is_full else block)(leaves)
+            scales = full_scales if is_full else block_scales
         else:
-            orthogonal, scales = jax.lax.cond(is_full, full, block, leaves)
+            orthogonal = jax.lax.cond(is_full, full, block, leaves)
+            scales = [jnp.where(is_full, f, b) for f, b in zip(full_scales, block_scales)]
 
         if adaptive:
             orthogonal = [jnp.sum(m * o) * o for m, o in zip(leaves, orthogonal)]
@@ -331,6 +391,7 @@ def muonbp(
     block_grid: Any = None,
     full_strategy: str = "auto",
     ns_method: str = "newton_schulz",
+    block_lr_rule: BlockLrRule = DEFAULT_BLOCK_LR_RULE,
 ) -> optax.GradientTransformation:
     """MuonBP: Muon with block-periodic orthogonalization, AdamW for the other parameters.
 
@@ -343,7 +404,14 @@ def muonbp(
       learning_rate: step size of full steps (and of AdamW unless `adam_learning_rate`).
       period: full step iff `t % period == 0` (t = 0-based update index); 1 is Muon, None is
         BlockMuon (never a full step).
-      block_learning_rate: step size of block steps (default: `learning_rate`).
+      block_learning_rate: base step size of block steps (default: `learning_rate`; float or
+        schedule). A leaf's block updates move by `block_learning_rate · ρ(leaf)`: the rule
+        multiplies it, so `block_lr_rule="none"` gives block steps at exactly this rate.
+      block_lr_rule: ρ per leaf from the number and shape of the blocks its block step
+        orthogonalizes (mesh tiles × `block_grid`); default `"spectral"`:
+        ρ = s(m, n) / (s(a, b)·√k) for m×n matrices cut into k blocks of a×b, s the shape
+        scale (`consistent_rms·sqrt(max(rows, cols))`), which equalizes the worst-case spectral
+        norm of block and full updates; 1 for a leaf with one block. See `block_lr_factor`.
       muon_weight_dimension_numbers: as in optax: a tree (or prefix tree, or callable) of
         `MuonDimensionNumbers`, None marking AdamW leaves; overrides the default routing.
       specs, mesh, block_grid, full_strategy, ns_method, ns_dtype, ns_coeffs, ...: see
@@ -394,6 +462,7 @@ def muonbp(
             block_grid=block_grid,
             full_strategy=full_strategy,
             ns_method=ns_method,
+            block_lr_rule=block_lr_rule,
         ),
         optax.add_decayed_weights(weight_decay, weight_decay_mask),
         scale_by_step_learning_rate(learning_rate, block_learning_rate, period=period),

@@ -8,8 +8,8 @@ device-local block is split further (`block_grid`). From it:
 * `block_step` orthogonalizes every device-local tile on its own (no communication);
 * `full_step` orthogonalizes whole matrices and hands each device back its own part.
 
-Both return, per leaf, the (rows, cols) of the matrices that were orthogonalized, so the caller
-can scale each update by the shape of what was orthogonalized.
+`Layout.matrix_shape` and `Layout.block_shape` give the caller the shape of what each kind of
+step orthogonalized, so it can scale each update accordingly.
 """
 
 from __future__ import annotations
@@ -433,7 +433,7 @@ def _on_mesh(fn, mesh: Mesh | None, layouts: list[Layout], leaves: list[jax.Arra
 
 def block_step(
     leaves: list[jax.Array], layouts: list[Layout], mesh: Mesh | None, orth: Orthogonalizer
-) -> tuple[list[jax.Array], list[tuple[int, int]]]:
+) -> list[jax.Array]:
     """Orthogonalizes each device-local block (split further by block_grid) independently."""
 
     def local(xs):
@@ -445,7 +445,7 @@ def block_step(
             outs.append(_from_matrices(_from_tiles(t, lay.grid, rows, cols), lay, x.shape))
         return outs
 
-    return _on_mesh(local, mesh, layouts, leaves), [lay.block_shape(mesh) for lay in layouts]
+    return _on_mesh(local, mesh, layouts, leaves)
 
 
 def _gather(x: jax.Array, spec: tuple[Any, ...]) -> jax.Array:
@@ -656,14 +656,14 @@ def full_step(
     mesh: Mesh | None,
     orth: Orthogonalizer,
     strategy: str = "gather",
-) -> tuple[list[jax.Array], list[tuple[int, int]]]:
+) -> list[jax.Array]:
     """Orthogonalizes every whole matrix; each device keeps its own part."""
     if mesh is None or all(lay.spec is None for lay in layouts):
         mats = orthogonalize_many([_to_matrices(x, lay) for x, lay in zip(leaves, layouts)], orth)
         outs = [_from_matrices(m, lay, lay.shape) for m, lay in zip(mats, layouts)]
     else:
         outs = _FULL_STEPS[strategy](leaves, layouts, mesh, orth)
-    return outs, [lay.matrix_shape for lay in layouts]
+    return outs
 
 
 # ----------------------------------------------------------------------------- state placement

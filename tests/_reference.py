@@ -50,13 +50,39 @@ def split(x: np.ndarray, row_parts: int, col_parts: int) -> list[list[np.ndarray
     ]
 
 
+def block_factor(
+    shape: tuple[int, int], row_parts: int, col_parts: int, rule: str = "spectral",
+    consistent_rms: float | None = 0.2,
+) -> float:
+    """The block step-size factor of a matrix of `shape` cut into row_parts × col_parts tiles:
+    the full update's spectral norm over the bound on the block update's (tile scale × √tiles)
+    for "spectral"; 1/√tiles, tiles^(-1/4) or 1 for "sqrt_blocks", "quarter", "none"."""
+    tiles = row_parts * col_parts
+    if tiles == 1 or rule == "none":
+        return 1.0
+    if rule == "sqrt_blocks":
+        return tiles**-0.5
+    if rule == "quarter":
+        return tiles**-0.25
+    rows, cols = shape
+    tile = rms_scale(rows // row_parts, cols // col_parts, consistent_rms)
+    return rms_scale(rows, cols, consistent_rms) / (tile * np.sqrt(tiles))
+
+
 def block_update(
-    x: np.ndarray, row_parts: int, col_parts: int, consistent_rms: float | None = 0.2, **ns
+    x: np.ndarray,
+    row_parts: int,
+    col_parts: int,
+    consistent_rms: float | None = 0.2,
+    rule: str = "spectral",
+    **ns,
 ) -> np.ndarray:
     """What a block step makes of x when each device holds one tile of a row_parts × col_parts
-    grid: NS of each tile on its own, scaled by the tile's shape, put back in place."""
+    grid: NS of each tile on its own, scaled by the tile's shape and the block factor of `rule`,
+    put back in place."""
     tiles = split(x, row_parts, col_parts)
-    return np.block([[full_update(t, consistent_rms, **ns) for t in row] for row in tiles])
+    factor = block_factor(x.shape, row_parts, col_parts, rule, consistent_rms)
+    return factor * np.block([[full_update(t, consistent_rms, **ns) for t in row] for row in tiles])
 
 
 def relative_error(actual, expected) -> float:
