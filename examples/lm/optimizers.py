@@ -68,6 +68,7 @@ def build(
     mesh: jax.sharding.Mesh | None = None,
     block_grid: Any = None,
     weight_decay: float = 0.0,
+    block_lr_rule: str | None = None,
     block_lr_ratio: float = 1.0,
     full_strategy: str = "auto",
 ) -> optax.GradientTransformation:
@@ -77,7 +78,9 @@ def build(
       specs, mesh: the parameters' PartitionSpecs and mesh (MuonBP needs them on a mesh with
         Auto axes to find each device's block).
       block_grid: per-leaf `(r, c)` tiling of the device-local blocks (see model.block_grids).
-      block_lr_ratio: MuonBP's block-step learning rate as a multiple of `lr` (same schedule).
+      block_lr_rule: MuonBP's per-leaf block step-size rule (None: the library's default).
+      block_lr_ratio: block_learning_rate as a multiple of `lr` (same schedule; multiplied by
+        the rule's per-leaf factor). 1 by default: the library's defaults.
       full_strategy: MuonBP's full-step strategy (one of muonbp_jax.FULL_STRATEGIES).
     """
     if name not in OPTIMIZERS:
@@ -107,6 +110,7 @@ def build(
         adam_weight_decay=weight_decay,
         specs=specs,
         full_strategy=full_strategy,
+        **({} if block_lr_rule is None else {"block_lr_rule": block_lr_rule}),
         mesh=mesh,
         block_grid=block_grid,
     )

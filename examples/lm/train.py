@@ -48,7 +48,8 @@ class Config:
     period: int = 5  # muonbp's full-step period
     mesh: tuple[int, int] | None = None  # (data, model); None: see default_mesh_shape
     tp_blocks: int = 4  # tensor-parallel blocks per matrix (emulated by block_grid if needed)
-    block_lr_ratio: float = 1.0  # MuonBP's block-step learning rate / lr
+    block_lr_rule: str | None = None  # MuonBP's block step-size rule; None: the library's
+    block_lr_ratio: float = 1.0  # a study knob: block_learning_rate = ratio × lr (1: none)
     full_strategy: str = "auto"  # how MuonBP orthogonalizes whole matrices on full steps
     weight_decay: float = 0.0
     seed: int = 0
@@ -218,6 +219,7 @@ def build(config: Config) -> Run:
         mesh=mesh,
         block_grid=block_grids(specs, config.tp_blocks, mesh.shape[MODEL]),
         weight_decay=config.weight_decay,
+        block_lr_rule=config.block_lr_rule,
         block_lr_ratio=config.block_lr_ratio,
         full_strategy=config.full_strategy,
     )
