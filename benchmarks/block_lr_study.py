@@ -184,8 +184,10 @@ def best(results, **where) -> tuple[float, dict[int, float]] | None:
 def report(results: list[dict], meta: dict) -> str:
     seeds = sorted({r["seed"] for r in results})
     lines = [
-        f"{meta.get('device', '?')}, jax {meta.get('jax', '?')}, optax {meta.get('optax', '?')}, "
-        f"{meta.get('date', '?')}; model {meta.get('shape', '?')}; seeds {seeds}.",
+        (
+            f"{meta.get('device', '?')}, jax {meta.get('jax', '?')}, optax {meta.get('optax', '?')}, "
+            f"{meta.get('date', '?')}; model {meta.get('shape', '?')}; seeds {seeds}."
+        ),
         "",
         "Baselines, final validation loss (nats/byte) per learning rate, mean ± half-range:",
         "",
@@ -203,9 +205,11 @@ def report(results: list[dict], meta: dict) -> str:
     muon_lr, muon_val = muon
     lines += [
         "",
-        f"Tuned Muon: lr {muon_lr:g}, val {_mean(list(muon_val.values())):.4f}. MuonBP per rule at "
-        "its best full rate (of the grid); Δ = MuonBP − tuned Muon, paired by seed, mean ± "
-        "half-range, and as % of Muon's loss. BlockMuon and AdamW at their own best rate.",
+        (
+            f"Tuned Muon: lr {muon_lr:g}, val {_mean(list(muon_val.values())):.4f}. MuonBP per rule at "
+            "its best full rate (of the grid); Δ = MuonBP − tuned Muon, paired by seed, mean ± "
+            "half-range, and as % of Muon's loss. BlockMuon and AdamW at their own best rate."
+        ),
         "",
         "| mesh | P | rule | lr | val loss | Δ vs Muon | Δ % |",
         "|---|---|---|---|---|---|---|",
