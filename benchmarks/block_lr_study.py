@@ -260,7 +260,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         p.add_argument("--" + name.replace("_", "-"), default=None, help="overrides the preset")
     p.add_argument("--tune-period", type=int, default=None, help="period of the full-rate grid")
     p.add_argument("--tp-blocks", type=int, default=None, help="blocks per matrix (GPU)")
-    p.add_argument("--steps", type=int, default=None, help="overrides the preset")
+    for name in ("steps", "batch", "seq", "d-model", "layers", "heads"):
+        p.add_argument(f"--{name}", type=int, default=None, help="overrides the preset")
     p.add_argument("--rules", default=RULES)
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--shard", default="0/1", help="i/n: run every n-th run of the plan from i")
@@ -275,8 +276,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.tune_period is None:
         args.tune_period = preset["tune_period"]
     shape = dict(preset["model"])
-    if args.steps:
-        shape["steps"] = args.steps
+    for name in ("steps", "batch", "seq", "d_model", "layers", "heads"):
+        if getattr(args, name) is not None:
+            shape[name] = getattr(args, name)
     tp_blocks = args.tp_blocks or preset["tp_blocks"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
