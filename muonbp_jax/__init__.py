@@ -1,7 +1,11 @@
 """muonbp_jax: MuonBP (Muon with block-periodic orthogonalization) for JAX and optax."""
 
+from muonbp_jax._layout import BlockGrid
+from muonbp_jax._layout import DimensionNumbers
+from muonbp_jax._layout import Specs
 from muonbp_jax._muonbp import BLOCK_LR_RULES
 from muonbp_jax._muonbp import MuonBPState
+from muonbp_jax._muonbp import ScaleByStepLearningRateState
 from muonbp_jax._muonbp import block_lr_factor
 from muonbp_jax._muonbp import default_muon_labels
 from muonbp_jax._muonbp import is_full_step
@@ -10,8 +14,9 @@ from muonbp_jax._muonbp import scale_by_muonbp
 from muonbp_jax._muonbp import scale_by_step_learning_rate
 from muonbp_jax._newton_schulz import NS_COEFFS_PRESETS
 from muonbp_jax._newton_schulz import orthogonalize
-from muonbp_jax._sharding import FULL_STRATEGIES
-from muonbp_jax._sharding import partition_specs
+from muonbp_jax._placement import partition_specs
+from muonbp_jax._steps import FULL_STRATEGIES
+from muonbp_jax._steps import FullStrategy
 from optax.contrib import MuonDimensionNumbers  # re-exported for per-leaf dimension numbers
 
 __version__ = "0.1.0"
@@ -20,8 +25,13 @@ __all__ = [
     "BLOCK_LR_RULES",
     "FULL_STRATEGIES",
     "NS_COEFFS_PRESETS",
+    "BlockGrid",
+    "DimensionNumbers",
+    "FullStrategy",
     "MuonBPState",
     "MuonDimensionNumbers",
+    "ScaleByStepLearningRateState",
+    "Specs",
     "block_lr_factor",
     "default_muon_labels",
     "is_full_step",

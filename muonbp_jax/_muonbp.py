@@ -6,8 +6,10 @@ One update, as in the paper (Khaled et al. 2025, arXiv 2510.16981):
               →  scale by the shape of what was orthogonalized
               →  weight decay  →  step size (full or block learning rate)
 
-The step kind is decided in one place, `is_full_step`. All mesh machinery lives in
-`muonbp_jax._sharding`; the Newton–Schulz math in `muonbp_jax._newton_schulz`.
+The step kind is decided in one place, `is_full_step`. The mesh machinery lives in modules by
+concept: `_options` (per-leaf options by key path), `_layout` (specs, layouts, reshapes),
+`_steps` and `_exchange` (block and full steps), `_placement` (where state lives); the
+Newton–Schulz math in `_newton_schulz`.
 """
 
 from __future__ import annotations
@@ -21,16 +23,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.typing import DTypeLike
 from optax.contrib import MuonDimensionNumbers
 
-from muonbp_jax import _sharding
+from muonbp_jax import _layout, _options, _placement, _steps
+from muonbp_jax._layout import BlockGrid, DimensionNumbers, Mesh, Specs
 from muonbp_jax._newton_schulz import (
     NS_METHODS,
+    PRECONDITIONINGS,
     Coeffs,
+    Method,
     Preconditioning,
     coefficient_schedule,
     orthogonalize,
 )
+from muonbp_jax._steps import FullStrategy
 
 DEFAULT_NS_STEPS = 5
 DEFAULT_PERIOD = 5
@@ -161,20 +168,20 @@ def scale_by_muonbp(
     ns_steps: int | None = None,
     beta: float = 0.95,
     eps: float = 1e-8,
-    mu_dtype: Any = None,
+    mu_dtype: DTypeLike | None = None,
     *,
     period: Period = DEFAULT_PERIOD,
     nesterov: bool = True,
     adaptive: bool = False,
     preconditioning: Preconditioning = "frobenius",
     consistent_rms: float | None = 0.2,
-    ns_dtype: Any = "bfloat16",
-    weight_dimension_numbers: Any = None,
-    specs: Any = None,
-    mesh: Any = None,
-    block_grid: Any = None,
-    full_strategy: str = "auto",
-    ns_method: str = "newton_schulz",
+    ns_dtype: DTypeLike | None = "bfloat16",
+    weight_dimension_numbers: DimensionNumbers = None,
+    specs: Specs = None,
+    mesh: Mesh | None = None,
+    block_grid: BlockGrid = None,
+    full_strategy: FullStrategy = "auto",
+    ns_method: Method = "newton_schulz",
     block_lr_rule: BlockLrRule = DEFAULT_BLOCK_LR_RULE,
 ) -> optax.GradientTransformation:
     """Momentum, block-periodic orthogonalization and shape scaling (no learning rate).
@@ -221,17 +228,21 @@ def scale_by_muonbp(
     """
     _check_period(period)
     _check_block_lr_rule(block_lr_rule)
-    if full_strategy not in _sharding.FULL_STRATEGIES:
+    if full_strategy not in _steps.FULL_STRATEGIES:
         raise ValueError(
-            f"full_strategy must be one of {_sharding.FULL_STRATEGIES}, got {full_strategy!r}."
+            f"full_strategy must be one of {_steps.FULL_STRATEGIES}, got {full_strategy!r}."
         )
     if ns_method not in NS_METHODS:
         raise ValueError(f"ns_method must be one of {NS_METHODS}, got {ns_method!r}.")
+    if preconditioning not in PRECONDITIONINGS:
+        raise ValueError(
+            f"preconditioning must be one of {PRECONDITIONINGS}, got {preconditioning!r}."
+        )
     ns_dtype = _static_dtype(ns_dtype, "ns_dtype")
     mu_dtype = _static_dtype(mu_dtype, "mu_dtype")
     mu_dtype = jax.dtypes.canonicalize_dtype(mu_dtype) if mu_dtype is not None else None
     plan = functools.partial(
-        _sharding.plan,
+        _layout.plan,
         specs=specs,
         mesh=mesh,
         dimension_numbers=weight_dimension_numbers,
@@ -241,12 +252,10 @@ def scale_by_muonbp(
     def init_fn(params):
         steps = _static_ns_steps(ns_steps)
         coefficient_schedule(ns_coeffs, steps)  # validate early
-        if preconditioning not in ("frobenius", "spectral", "aol", "schatten"):
-            raise ValueError(f"Unknown preconditioning {preconditioning!r}.")
         the_mesh, layouts = plan(params)
         mu = optax.tree.zeros_like(params, dtype=mu_dtype)
         return MuonBPState(
-            count=jnp.zeros([], jnp.int32), mu=_sharding.place_like(mu, the_mesh, layouts)
+            count=jnp.zeros([], jnp.int32), mu=_placement.place_like(mu, the_mesh, layouts)
         )
 
     def update_fn(updates, state, params=None):
@@ -279,10 +288,10 @@ def scale_by_muonbp(
         leaves, treedef = jax.tree.flatten(mu_hat)
 
         def full(xs):
-            return _sharding.full_step(xs, layouts, the_mesh, orth, strategy=full_strategy)
+            return _steps.full_step(xs, layouts, the_mesh, orth, strategy=full_strategy)
 
         def block(xs):
-            return _sharding.block_step(xs, layouts, the_mesh, orth)
+            return _steps.block_step(xs, layouts, the_mesh, orth)
 
         # Static per leaf: the shape scale of what each kind of step orthogonalizes and, on block
         # steps, the leaf's block step-size factor.
@@ -355,7 +364,7 @@ def default_muon_labels(params: Any) -> Any:
     contains 'embed' or ends with 'head' (also 'wte', 'wpe', 'logits'); 'adam' otherwise."""
 
     def label(path, x):
-        names = _sharding.path_names(path)
+        names = _options.path_names(path)
         if jnp.ndim(x) == 2 and not any(_ADAM_BY_NAME.search(n) for n in names):
             return "muon"
         return "adam"
@@ -371,7 +380,7 @@ def muonbp(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     weight_decay_mask: Any = None,
-    mu_dtype: Any = None,
+    mu_dtype: DTypeLike | None = None,
     *,
     period: Period = DEFAULT_PERIOD,
     block_learning_rate: optax.ScalarOrSchedule | None = None,
@@ -383,14 +392,14 @@ def muonbp(
     adam_eps_root: float = 0.0,
     adam_weight_decay: float = 0.0,
     adam_learning_rate: optax.ScalarOrSchedule | None = None,
-    muon_weight_dimension_numbers: Any = None,
+    muon_weight_dimension_numbers: DimensionNumbers = None,
     consistent_rms: float | None = 0.2,
-    ns_dtype: Any = "bfloat16",
-    specs: Any = None,
-    mesh: Any = None,
-    block_grid: Any = None,
-    full_strategy: str = "auto",
-    ns_method: str = "newton_schulz",
+    ns_dtype: DTypeLike | None = "bfloat16",
+    specs: Specs = None,
+    mesh: Mesh | None = None,
+    block_grid: BlockGrid = None,
+    full_strategy: FullStrategy = "auto",
+    ns_method: Method = "newton_schulz",
     block_lr_rule: BlockLrRule = DEFAULT_BLOCK_LR_RULE,
 ) -> optax.GradientTransformation:
     """MuonBP: Muon with block-periodic orthogonalization, AdamW for the other parameters.
@@ -434,13 +443,13 @@ def muonbp(
     else:
 
         def param_labels(params):
-            dims = _sharding.per_leaf(
+            dims = _options.per_leaf(
                 muon_weight_dimension_numbers,
                 params,
                 name="muon_weight_dimension_numbers",
                 is_value=is_dim,
             )
-            _, _, treedef = _sharding.leaves_with_paths(params)
+            _, _, treedef = _options.leaves_with_paths(params)
             return jax.tree.unflatten(treedef, ["adam" if d is None else "muon" for d in dims])
 
     muon_branch = optax.chain(
@@ -481,8 +490,8 @@ def muonbp(
 
     def init_fn(params):
         is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
-        _sharding.check_paths_cover(specs, params, name="specs", is_value=is_spec)
+        _options.check_paths_cover(specs, params, name="specs", is_value=is_spec)
         state = inner.init(params)
-        return _sharding.place_state_like_params(state, params, specs, mesh)
+        return _placement.place_state_like_params(state, params, specs, mesh)
 
     return optax.GradientTransformation(init_fn, inner.update)

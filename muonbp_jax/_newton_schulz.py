@@ -8,7 +8,7 @@ unchanged; only what they feed it differs.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -55,8 +55,8 @@ NS_COEFFS_PRESETS: dict[str, tuple] = {
     "polar_express": _POLAR_EXPRESS,
     "dion": _DION,
 }
-PRECONDITIONINGS = ("frobenius", "spectral", "aol", "schatten")
-NS_METHODS = ("newton_schulz", "gram")
+PRECONDITIONINGS: tuple[str, ...] = get_args(Preconditioning)
+NS_METHODS: tuple[str, ...] = get_args(Method)
 
 
 def coefficient_schedule(ns_coeffs: Coeffs, ns_steps: int) -> np.ndarray:

@@ -39,6 +39,14 @@ def test_valid_periods_construct(period):
     muonbp_jax.muonbp(1e-3, period=period)
 
 
+@pytest.mark.parametrize(
+    "build", [lambda **kw: muonbp_jax.muonbp(1e-3, **kw), muonbp_jax.scale_by_muonbp]
+)
+def test_unknown_preconditioning_fails_at_construction(build):
+    with pytest.raises(ValueError, match=r"preconditioning must be one of \('frobenius', "):
+        build(preconditioning="newton")
+
+
 def _params(mesh, specs: dict, shape=(16, 32), dtype=jnp.float32) -> dict:
     put = lambda s: jax.device_put(jnp.ones(shape, dtype), NamedSharding(mesh, s))
     return {"layer": {k: put(s) for k, s in specs.items()}}

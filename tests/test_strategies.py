@@ -1,6 +1,7 @@
 """Full-step strategies: "all_to_all" and "auto" give the same updates as "gather" (and as a
 float64 NumPy reference of each whole matrix), on every core layout and on layouts that only
-the exchange has to take apart (several cut axes, batch axes sharded, uneven groups)."""
+the exchange has to take apart (several cut axes, batch axes sharded, uneven groups); no
+strategy gathers a sharded batch axis."""
 
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ LAYOUTS = {
     # a reduction made of two axes, one of them cut
     "heads": ((4, 8, 32), P("data", None, "model"), Dims((0, 1), 2)),
 }
+# Experts (or stacked layers) sharded on their batch axis: every device holds whole matrices.
+EXPERTS = ((8, 16, 32), P("model", None, None), Dims(1, 2))
 SPECS = {name: spec for name, (_, spec, _) in LAYOUTS.items()}
 DIMS = {name: dims for name, (_, _, dims) in LAYOUTS.items()}
 # An HLO instruction's opcode (not its name): "%all-to-all.3 = (...) all-to-all(%x, ...)".
@@ -65,22 +68,25 @@ def _reference(g: np.ndarray, dims: Dims) -> np.ndarray:
     return done.reshape([g.shape[a] for a in order]).transpose(np.argsort(order))
 
 
-def _updates(mode: AxisType, strategy: str, grads, ns_dtype=jnp.float32, hlo: bool = False):
+def _updates(
+    mode: AxisType, strategy: str, grads, ns_dtype=jnp.float32, hlo: bool = False, layouts=LAYOUTS
+):
     mesh = _mesh(mode)
     names = list(grads)
-    auto = {"specs": {n: SPECS[n] for n in names}, "mesh": mesh} if mode == AxisType.Auto else {}
+    specs = {n: layouts[n][1] for n in names}
+    auto = {"specs": specs, "mesh": mesh} if mode == AxisType.Auto else {}
     tx = muonbp_jax.muonbp(
         1.0,
         beta=0.0,
         nesterov=False,
         period=1,
         ns_dtype=ns_dtype,
-        muon_weight_dimension_numbers={n: DIMS[n] for n in names},
+        muon_weight_dimension_numbers={n: layouts[n][2] for n in names},
         full_strategy=strategy,
         **auto,
     )
     with jax.set_mesh(mesh) if mode == AxisType.Explicit else contextlib.nullcontext():
-        put = {n: jax.device_put(g, NamedSharding(mesh, SPECS[n])) for n, g in grads.items()}
+        put = {n: jax.device_put(g, NamedSharding(mesh, specs[n])) for n, g in grads.items()}
         state = jax.jit(tx.init)(put)
         if hlo:
             return jax.jit(tx.update).lower(put, state, put).compile().as_text()
@@ -127,6 +133,20 @@ def test_auto_gathers_lone_matrices_and_exchanges_groups():
     found = COLLECTIVE.findall(hlo)
     assert found.count("all-to-all") == 2, found
     assert "all-gather" in found, found
+
+
+def test_gather_keeps_sharded_batch_axes_local():
+    """Each device orthogonalizes its own experts: "gather" gathers matrix axes only, as the
+    exchange does, never a sharded batch axis."""
+    layouts = {"experts": EXPERTS}
+    grads = {"experts": np.random.default_rng(4).standard_normal(EXPERTS[0]).astype(np.float32)}
+    hlo = _updates(AxisType.Auto, "gather", grads, hlo=True, layouts=layouts)
+    assert "all-gather" not in COLLECTIVE.findall(hlo), "gather all-gathers the experts"
+    update = _updates(AxisType.Auto, "gather", grads, layouts=layouts)["experts"]
+    g = grads["experts"]
+    expected = _reference(g, EXPERTS[2])
+    for e in range(g.shape[0]):
+        assert ref.relative_error(update[e], expected[e]) < 1e-4, f"expert {e}"
 
 
 def test_unknown_strategy_is_rejected():
