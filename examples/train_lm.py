@@ -103,7 +103,7 @@ def parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="train one optimizer (same as --compare NAME)",
     )
-    p.add_argument("--steps", type=_positive, default=300, help="training steps")
+    p.add_argument("--steps", type=_positive, default=600, help="training steps")
     p.add_argument("--batch", type=_positive, default=16, help="sequences per step")
     p.add_argument("--seq", type=_positive, default=128, help="bytes per sequence")
     p.add_argument("--d-model", type=_positive, default=128, help="model width")

@@ -5,16 +5,19 @@ default routing of `muonbp_jax.default_muon_labels`), so the comparison is about
 
 | name         | matrices                                                         |
 |--------------|------------------------------------------------------------------|
-| `muonbp`     | MuonBP: block steps, a full step every `period` (default 5)      |
+| `muonbp`     | MuonBP at the library's defaults: block steps (each leaf's block  |
+|              | step size from its blocks), a full step every `period` (5)       |
 | `muon`       | MuonBP with period 1: every step full (Muon)                     |
 | `blockmuon`  | MuonBP with period None: every step a block step (BlockMuon)     |
 | `adamw`      | AdamW                                                            |
 | `optax_muon` | `optax.contrib.muon` with the same routing and RMS matching      |
 
 Learning rates are peak values of a linear warm-up and cosine decay to a tenth of the peak.
-The default rates are the best of a small sweep (`examples/sweep_lr.py`) on the default
-configuration, 300 steps: Muon-family 1e-2 (of 3e-3 ... 4e-2), AdamW 5e-3 (of 1e-3 ... 4e-2);
-benchmarks/RESULTS.md has the table.
+The default rates are the best of small sweeps (`examples/sweep_lr.py`, then
+`benchmarks/block_lr_study.py`): Muon 1e-2 (of 3e-3 ... 4e-2), AdamW 5e-3 (of 1e-3 ... 4e-2) at
+300 steps; MuonBP and BlockMuon 1e-2 under the library's block step-size rule (of 1e-2 and
+2e-2 at 300 steps: MuonBP 1e-2 was better by 0.009; BlockMuon 2e-2 by 0.001-0.011, within seed
+noise, so both stay at Muon's rate); benchmarks/RESULTS.md has the tables.
 """
 
 from __future__ import annotations

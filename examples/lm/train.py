@@ -38,7 +38,7 @@ class Config:
     """One training run. Defaults are the README's main command (a few minutes on 2 cores)."""
 
     optimizer: str = "muonbp"
-    steps: int = 300
+    steps: int = 600
     batch: int = 16
     seq: int = _MODEL.seq
     d_model: int = _MODEL.d_model
