@@ -19,7 +19,7 @@ from muonbp_jax._steps import FULL_STRATEGIES
 from muonbp_jax._steps import FullStrategy
 from optax.contrib import MuonDimensionNumbers  # re-exported for per-leaf dimension numbers
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BLOCK_LR_RULES",
