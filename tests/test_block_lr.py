@@ -157,3 +157,13 @@ def test_block_learning_rate_multiplies_the_rule_under_inject_hyperparams_and_sc
 def test_unknown_rule_is_refused_at_construction():
     with pytest.raises(ValueError, match="block_lr_rule must be one of"):
         muonbp_jax.muonbp(1e-2, block_lr_rule="sqrt")
+
+
+def test_explicit_mesh_reads_the_blocks_from_the_types():
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    shape, spec, _, (r, c), rho = CASES["tiles_2d"]
+    tx = muonbp_jax.scale_by_muonbp(**BLOCK_ONLY)  # no specs: the types carry them
+    g = _grad(shape)
+    tiles = ref.split(g, r, c)
+    expected = rho * np.block([[ref.full_update(t) for t in row] for row in tiles])
+    assert ref.relative_error(_block_step(tx, g, spec, mesh), expected) < 1e-4
