@@ -51,7 +51,7 @@ if __name__ == "__main__" and os.environ.get("JAX_PLATFORMS", "") in ("", "cpu")
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={ARGS.devices}"
-    # Against the XLA:CPU collective deadlock with many fake devices on few cores (REFERENCE §3).
+    # Against the XLA:CPU collective deadlock with many fake devices on few cores (see tests/conftest.py).
     os.environ.setdefault("PJRT_NPROC", str(2 * ARGS.devices))
 
 import jax
