@@ -167,3 +167,11 @@ def test_explicit_mesh_reads_the_blocks_from_the_types():
     tiles = ref.split(g, r, c)
     expected = rho * np.block([[ref.full_update(t) for t in row] for row in tiles])
     assert ref.relative_error(_block_step(tx, g, spec, mesh), expected) < 1e-4
+
+
+def test_a_mesh_axis_of_size_one_gives_one_block_and_the_full_rate():
+    mesh = jax.make_mesh((8, 1), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    spec = P(None, "model")  # 'model' has size 1: the whole matrix is one block
+    tx = muonbp_jax.scale_by_muonbp(specs={"w": spec}, mesh=mesh, **BLOCK_ONLY)
+    g = _grad((16, 32))
+    assert ref.relative_error(_block_step(tx, g, spec, mesh), ref.full_update(g)) < 1e-4
