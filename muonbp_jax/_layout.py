@@ -51,6 +51,40 @@ def is_spec(x: Any) -> bool:
     return isinstance(x, PartitionSpec)
 
 
+def is_spec_or_sharding(x: Any) -> bool:
+    """A `specs` value: a PartitionSpec, or a NamedSharding (its `.spec`, on its `.mesh`)."""
+    return isinstance(x, (PartitionSpec, NamedSharding))
+
+
+SPECS_EXPECTED = (
+    "a PartitionSpec or a NamedSharding per leaf (or None for a subtree: unsharded), e.g. "
+    "nnx.get_partition_spec(nnx.state(model)), nn.get_partition_spec(variables), "
+    "muonbp_jax.partition_specs(params) or jax.tree.map(lambda x: x.sharding, params)"
+)
+
+
+def resolve_specs(specs: Specs, tree: PyTree, mesh: Mesh | None) -> tuple[list[Any], Mesh | None]:
+    """Per leaf of `tree`, the `specs` entry as a PartitionSpec (or None), and the mesh: `mesh`,
+    else that of the NamedSharding entries (which must then share one mesh)."""
+    values = per_leaf(
+        specs,
+        tree,
+        name="specs",
+        is_value=is_spec_or_sharding,
+        required=True,
+        expected=SPECS_EXPECTED,
+    )
+    meshes = {v.mesh for v in values if isinstance(v, NamedSharding)}
+    if mesh is None and len(meshes) > 1:
+        raise ValueError(
+            f"specs holds NamedShardings on {len(meshes)} different meshes; muonbp_jax needs one "
+            "mesh for all matrix parameters (pass mesh=)."
+        )
+    if mesh is None and meshes:
+        mesh = next(iter(meshes))
+    return [v.spec if isinstance(v, NamedSharding) else v for v in values], mesh
+
+
 def is_dimension_numbers(x: Any) -> bool:
     return isinstance(x, MuonDimensionNumbers)
 
@@ -188,7 +222,7 @@ def plan(
     several devices raises a ValueError instead.
     """
     paths, leaves, _ = leaves_with_paths(tree)
-    user_specs = per_leaf(specs, tree, name="specs", is_value=is_spec, required=True)
+    user_specs, mesh = resolve_specs(specs, tree, mesh)
     dims = per_leaf(
         dimension_numbers,
         tree,

@@ -163,6 +163,24 @@ def _static_dtype(dtype: Any, name: str) -> Any:
     return jnp.dtype(dtype)
 
 
+def _check_option_keys(params, dimension_numbers, dimension_numbers_name, block_grid) -> None:
+    """A tree-valued option whose key matches no parameter (a typo) is refused."""
+    _options.check_paths_cover(
+        dimension_numbers,
+        params,
+        name=dimension_numbers_name,
+        is_value=_layout.is_dimension_numbers,
+        expected="a MuonDimensionNumbers (or None: AdamW)",
+    )
+    _options.check_paths_cover(
+        block_grid,
+        params,
+        name="block_grid",
+        is_value=_layout.is_grid,
+        expected="a pair of ints (r, c)",
+    )
+
+
 def scale_by_muonbp(
     ns_coeffs: Coeffs = "jordan",
     ns_steps: int | None = None,
@@ -252,6 +270,7 @@ def scale_by_muonbp(
     def init_fn(params):
         steps = _static_ns_steps(ns_steps)
         coefficient_schedule(ns_coeffs, steps)  # validate early
+        _check_option_keys(params, weight_dimension_numbers, "weight_dimension_numbers", block_grid)
         the_mesh, layouts = plan(params)
         mu = optax.tree.zeros_like(params, dtype=mu_dtype)
         return MuonBPState(
@@ -489,8 +508,16 @@ def muonbp(
     inner = optax.partition({"muon": muon_branch, "adam": adam_branch}, param_labels)
 
     def init_fn(params):
-        is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
-        _options.check_paths_cover(specs, params, name="specs", is_value=is_spec)
+        _options.check_paths_cover(
+            specs,
+            params,
+            name="specs",
+            is_value=_layout.is_spec_or_sharding,
+            expected=_layout.SPECS_EXPECTED,
+        )
+        _check_option_keys(
+            params, muon_weight_dimension_numbers, "muon_weight_dimension_numbers", block_grid
+        )
         state = inner.init(params)
         return _placement.place_state_like_params(state, params, specs, mesh)
 

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import jax
+import optax
 
 Path = tuple[str, ...]
 PyTree = Any
@@ -54,13 +55,15 @@ def per_leaf(
     is_value: Callable[[Any], bool],
     default: Any = None,
     required: bool = False,
+    expected: str | None = None,
 ) -> list[Any]:
     """Resolves a per-leaf option for every leaf of `tree`, by key path.
 
     `option` is one value for all leaves, a callable tree -> option tree, or a tree (or prefix
     of a tree) of values whose leaves are found by `is_value`; a leaf takes the value at the
     longest matching prefix of its path. Without a match the leaf gets `default`, or, if
-    `required`, a ValueError names the leaf.
+    `required`, a ValueError names the leaf. An entry of another type is a TypeError that
+    names `expected` (what a value must be, and how to get one).
     """
     paths, _, _ = leaves_with_paths(tree)
     if option is None or is_value(option):
@@ -75,7 +78,10 @@ def per_leaf(
     table: dict[Path, Any] = {}
     for p, v in flat:
         if v is not None and not is_value(v):
-            raise TypeError(f"{name}: entry {path_str(path_names(p))!r} is {v!r}, not a {name}.")
+            raise TypeError(
+                f"{name}: entry {path_str(path_names(p))!r} is {v!r}, not "
+                f"{expected or 'a ' + name}."
+            )
         table[path_names(p)] = v
     values = []
     for path in paths:
@@ -96,16 +102,34 @@ def per_leaf(
 
 
 def check_paths_cover(
-    option: PerLeaf[Any], params: PyTree, *, name: str, is_value: Callable[[Any], bool]
+    option: PerLeaf[Any],
+    params: PyTree,
+    *,
+    name: str,
+    is_value: Callable[[Any], bool],
+    expected: str | None = None,
 ) -> None:
-    """Raises if a tree-valued option names a path that matches no parameter (a typo)."""
+    """Raises if a tree-valued option names a path that matches no parameter (a typo), or
+    holds an entry that is not a value (a TypeError naming `expected`)."""
     if option is None or is_value(option) or callable(option):
         return
-    param_paths = set(leaves_with_paths(params)[0])
+    # Leaves that optax.partition/optax.masked hide (MaskedNode) still count as parameters.
+    param_paths = {
+        path_names(p)
+        for p, _ in jax.tree_util.tree_flatten_with_path(
+            params, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
+        )[0]
+    }
     prefixes = {p[:k] for p in param_paths for k in range(len(p) + 1)}
     flat, _ = jax.tree_util.tree_flatten_with_path(
         option, is_leaf=lambda x: x is None or is_value(x)
     )
+    for p, v in flat:
+        if v is not None and not is_value(v):
+            raise TypeError(
+                f"{name}: entry {path_str(path_names(p))!r} is {v!r}, not "
+                f"{expected or 'a ' + name}."
+            )
     entries = {path_names(p) for p, _ in flat}
     for path in sorted(entries - prefixes):
         # A misspelled key usually leaves a parameter without an entry: name it too.

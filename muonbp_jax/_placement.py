@@ -10,8 +10,8 @@ import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from muonbp_jax._layout import Layout, Mesh, Specs, context_mesh, is_spec, type_sharding
-from muonbp_jax._options import PyTree, leaves_with_paths, path_names, per_leaf
+from muonbp_jax._layout import Layout, Mesh, Specs, context_mesh, resolve_specs, type_sharding
+from muonbp_jax._options import PyTree, leaves_with_paths, path_names
 
 
 def _sharding_for(mesh: Mesh, spec: tuple[Any, ...]):
@@ -47,11 +47,11 @@ def place_state_like_params(
     parameter's sharding: AdamW moments and Muon momentum alike."""
     if specs is None:
         return state
+    spec_list, mesh = resolve_specs(specs, params, mesh)
     mesh = mesh or context_mesh()
     if mesh is None:
         return state
     paths, leaves, _ = leaves_with_paths(params)
-    spec_list = per_leaf(specs, params, name="specs", is_value=is_spec)
     table = {p: (tuple(x.shape), s) for p, x, s in zip(paths, leaves, spec_list) if s is not None}
 
     def place(path, x):
