@@ -420,7 +420,7 @@ def muonbp(
     full_strategy: FullStrategy = "auto",
     ns_method: Method = "newton_schulz",
     block_lr_rule: BlockLrRule = DEFAULT_BLOCK_LR_RULE,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     """MuonBP: Muon with block-periodic orthogonalization, AdamW for the other parameters.
 
     Takes every keyword of `optax.contrib.muon` with the same meaning; with `period=1`,
@@ -446,7 +446,7 @@ def muonbp(
         `scale_by_muonbp`. Other arguments as in `optax.contrib.muon`.
 
     Returns:
-      An `optax.GradientTransformation`.
+      An `optax.GradientTransformationExtraArgs`, as `optax.contrib.muon`.
 
     References:
       Khaled et al., `MuonBP: Faster Muon via Block-Periodic Orthogonalization
@@ -521,4 +521,8 @@ def muonbp(
         state = inner.init(params)
         return _placement.place_state_like_params(state, params, specs, mesh)
 
-    return optax.GradientTransformation(init_fn, inner.update)
+    # As optax.contrib.muon: a GradientTransformationExtraArgs (extra keyword arguments that
+    # optax.chain passes along, such as value=, are accepted).
+    if isinstance(inner, optax.GradientTransformationExtraArgs):
+        return optax.GradientTransformationExtraArgs(init_fn, inner.update)
+    return optax.with_extra_args_support(optax.GradientTransformation(init_fn, inner.update))
