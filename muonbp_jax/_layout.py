@@ -170,6 +170,26 @@ def context_mesh() -> Mesh | None:
     return None if mesh.empty else mesh
 
 
+def _traced_mesh(x: Any) -> Mesh | None:
+    """For a tracer, the multi-device mesh it is traced under: the context mesh
+    (`jax.set_mesh`), else the one its type names. Inside jit, jax 0.10 types an argument
+    placed on an Auto-axis mesh with that (abstract) mesh but the spec P(None, ...), whatever
+    the array's real sharding, so a multi-device mesh here means the spec is unknown."""
+    if not isinstance(x, jax.core.Tracer):
+        return None
+    for mesh in (context_mesh(), getattr(_type_sharding_or_none(x), "mesh", None)):
+        if mesh is not None and not mesh.empty and mesh.size > 1:
+            return mesh
+    return None
+
+
+def _type_sharding_or_none(x: Any) -> Any:
+    try:
+        return jax.typeof(x).sharding
+    except (AttributeError, TypeError):
+        return None
+
+
 def _concrete_sharding_is_split(x: Any) -> bool:
     """True for a concrete array laid out over several devices without being replicated."""
     if isinstance(x, jax.core.Tracer) or not isinstance(x, jax.Array):
@@ -256,8 +276,8 @@ def plan(
                     f"{len(x.sharding.device_set)} devices, but its PartitionSpec cannot be "
                     "read inside jit on a mesh with Auto axes. " + _SPECS_HELP
                 )
-            context = context_mesh()
-            if isinstance(x, jax.core.Tracer) and context is not None and context.size > 1:
+            context = _traced_mesh(x)
+            if context is not None:
                 # Treating it as unsharded would quietly turn every block step into a full one.
                 raise ValueError(
                     f"Parameter {path_str(path)!r} is traced under a mesh of {context.size} "
