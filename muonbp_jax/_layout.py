@@ -211,17 +211,26 @@ def _check_dtype(path: Path, x: Any) -> None:
 
 def _check_declared_spec(path: Path, x: Any, spec: tuple[Any, ...]) -> None:
     """A concrete leaf split over several devices must be split as `specs` says: shard_map
-    would otherwise reshard it silently and orthogonalize blocks that no device holds."""
-    if not _concrete_sharding_is_split(x) or not isinstance(x.sharding, NamedSharding):
+    would otherwise reshard it silently and orthogonalize blocks that no device holds.
+
+    Seen on concrete arrays and, inside jit, on Explicit-mode types; inside jit on an Auto-axis
+    mesh the real sharding is not visible and `specs` is trusted."""
+    typed = type_sharding(x)
+    if typed is not None:
+        padded = lambda sp: tuple(entry_axes(e) for e in sp) + ((),) * (x.ndim - len(sp))
+        same, actual = padded(typed[1]) == padded(spec), P(*typed[1])
+    elif _concrete_sharding_is_split(x) and isinstance(x.sharding, NamedSharding):
+        actual = x.sharding.spec
+        try:
+            same = x.sharding.is_equivalent_to(NamedSharding(x.sharding.mesh, P(*spec)), x.ndim)
+        except ValueError:  # the array's mesh lacks an axis that the spec names
+            same = False
+    else:
         return
-    try:
-        same = x.sharding.is_equivalent_to(NamedSharding(x.sharding.mesh, P(*spec)), x.ndim)
-    except ValueError:  # the array's mesh lacks an axis that the spec names
-        same = False
     if not same:
         raise ValueError(
             f"specs gives {path_str(path)!r} the sharding {P(*spec)}, but the array is sharded "
-            f"as {x.sharding.spec}. Block steps orthogonalize the blocks the spec describes, so "
+            f"as {actual}. Block steps orthogonalize the blocks the spec describes, so "
             "the two must agree: pass the spec the parameter has (muonbp_jax.partition_specs("
             "params) reads them off concrete arrays) or reshard the parameter."
         )
