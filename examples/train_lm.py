@@ -120,7 +120,8 @@ def parser() -> argparse.ArgumentParser:
         "--block-lr-ratio",
         type=_positive_float,
         default=1.0,
-        help="learning rate of MuonBP's and BlockMuon's block steps, as a multiple of the rate",
+        help="block_learning_rate of MuonBP and BlockMuon as a multiple of the rate; the "
+        "library's per-leaf block step-size rule still multiplies it (1: the library's defaults)",
     )
     p.add_argument(
         "--full-strategy",
