@@ -12,6 +12,7 @@ from muonbp_jax._muonbp import is_full_step
 from muonbp_jax._muonbp import muonbp
 from muonbp_jax._muonbp import scale_by_muonbp
 from muonbp_jax._muonbp import scale_by_step_learning_rate
+from muonbp_jax._muonbp import shape_scale
 from muonbp_jax._newton_schulz import NS_COEFFS_PRESETS
 from muonbp_jax._newton_schulz import orthogonalize
 from muonbp_jax._placement import partition_specs
@@ -40,4 +41,5 @@ __all__ = [
     "partition_specs",
     "scale_by_muonbp",
     "scale_by_step_learning_rate",
+    "shape_scale",
 ]

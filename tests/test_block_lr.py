@@ -175,3 +175,11 @@ def test_a_mesh_axis_of_size_one_gives_one_block_and_the_full_rate():
     tx = muonbp_jax.scale_by_muonbp(specs={"w": spec}, mesh=mesh, **BLOCK_ONLY)
     g = _grad((16, 32))
     assert ref.relative_error(_block_step(tx, g, spec, mesh), ref.full_update(g)) < 1e-4
+
+
+def test_shape_scale_by_hand():
+    # consistent_rms · sqrt(max(rows, cols)); None: optax's width rule sqrt(max(1, cols/rows)).
+    assert muonbp_jax.shape_scale(16, 32, 0.2) == pytest.approx(0.2 * S(32))
+    assert muonbp_jax.shape_scale(64, 16, 0.2) == pytest.approx(0.2 * 8)
+    assert muonbp_jax.shape_scale(16, 32, None) == pytest.approx(S(2))
+    assert muonbp_jax.shape_scale(32, 16, None) == 1.0
