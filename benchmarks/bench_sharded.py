@@ -22,14 +22,17 @@ On a CPU it starts 8 fake devices (`--devices`); on GPUs it uses every device th
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from pathlib import Path
 from typing import Any
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=int, default=8, help="fake CPU devices (CPU only)")
     parser.add_argument(
@@ -45,21 +48,17 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-ARGS = _parse(None if __name__ == "__main__" else [])
-if __name__ == "__main__" and os.environ.get("JAX_PLATFORMS", "") in ("", "cpu"):
-    # Fake CPU devices must be asked for before jax starts; harmless when a GPU backend wins.
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={ARGS.devices}"
-    # Against the XLA:CPU collective deadlock with many fake devices on few cores (see tests/conftest.py).
-    os.environ.setdefault("PJRT_NPROC", str(2 * ARGS.devices))
+if __name__ == "__main__":
+    # Run as a script: fake CPU devices must be asked for before jax is imported (nothing
+    # happens when a GPU/TPU is there). Imported as a module, nothing is parsed or set.
+    from lm import devices
+
+    devices.use_cpu_devices(parse_args().devices)
 
 import jax
 import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import muonbp_jax
 from benchmarks import _timing
@@ -212,7 +211,8 @@ def sweep_table(args, mesh) -> list[dict[str, Any]]:
     return rows
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
     n = jax.device_count()
     data, model = map(int, args.mesh.split("x")) if args.mesh else (1, n)
     if data * model != n:
@@ -254,4 +254,4 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(ARGS)
+    main()

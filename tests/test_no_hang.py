@@ -1,7 +1,7 @@
 """The configuration in tests/conftest.py keeps XLA:CPU collectives from deadlocking.
 
 400 small sharded MuonBP updates dispatched without waiting deadlocked and aborted every time
-on 2 cores with jaxlib 0.10 and no `PJRT_NPROC` (benchmarks/soak.py's `control` runs); this
+on 2 cores with jaxlib 0.10 and no `PJRT_NPROC` (tools/soak.py's `control` runs); this
 runs them in a fresh process with the thread-pool size this process was given.
 """
 
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_sharded_loop_without_waiting_finishes():
     env = {k: v for k, v in os.environ.items() if k not in ("PJRT_NPROC", "XLA_FLAGS")}
     nproc = os.environ.get("PJRT_NPROC", "none")
-    command = [sys.executable, "benchmarks/soak.py", "--loop-child", "400", "--nproc", nproc]
+    command = [sys.executable, "tools/soak.py", "--loop-child", "400", "--nproc", nproc]
     try:
         done = subprocess.run(
             command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False

@@ -26,15 +26,19 @@ def accelerator_requested() -> bool:
     return bool(locations) and any(pkgutil.iter_modules(list(locations)))
 
 
-def use_cpu_devices(count: int | None = None) -> bool:
-    """Makes jax present `count` fake CPU devices unless a GPU/TPU is requested; returns
-    whether it did. Must run before jax is imported. `count=None` keeps a count already set
-    in XLA_FLAGS, else uses DEFAULT_CPU_DEVICES.
+def use_cpu_devices(
+    count: int | None = None, *, force: bool = False, pjrt_nproc: int | bool = True
+) -> bool:
+    """Makes jax present `count` fake CPU devices unless a GPU/TPU is requested (or `force`);
+    returns whether it did. Must run before jax is imported. `count=None` keeps a count
+    already set in XLA_FLAGS, else uses DEFAULT_CPU_DEVICES; other XLA flags are kept.
 
     `PJRT_NPROC` (≥ twice the device count) keeps jaxlib 0.10's CPU collectives from
-    deadlocking on machines with few cores; see tests/conftest.py.
+    deadlocking on machines with few cores (see tests/conftest.py). `pjrt_nproc=True` sets it
+    to max(16, 2·count) unless it is set already, an int sets it to that, `False` leaves the
+    environment as it is (tools/soak.py's control runs, which show the deadlock).
     """
-    if accelerator_requested():
+    if not force and accelerator_requested():
         return False
     if "jax" in sys.modules:
         raise RuntimeError("use_cpu_devices() must run before jax is imported.")
@@ -45,5 +49,8 @@ def use_cpu_devices(count: int | None = None) -> bool:
         count = int(found.group(1)) if found else DEFAULT_CPU_DEVICES
     flags = _COUNT_FLAG.sub("", flags).strip()
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
-    os.environ.setdefault("PJRT_NPROC", str(max(16, 2 * count)))
+    if pjrt_nproc is True:
+        os.environ.setdefault("PJRT_NPROC", str(max(16, 2 * count)))
+    elif pjrt_nproc is not False:
+        os.environ["PJRT_NPROC"] = str(int(pjrt_nproc))
     return True

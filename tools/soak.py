@@ -15,10 +15,10 @@ the configuration the project applies itself:
               waits for every step);
 * `control` — the `loop` without PJRT_NPROC, to show that the workload does hang without it.
 
-    python benchmarks/soak.py                         # 10 runs of tests, loop and example
-    python benchmarks/soak.py --runs 3 --only loop,control
-    python benchmarks/soak.py --example-args "--steps 100 --compare muonbp"
-    python benchmarks/soak.py --pools   # thread pools: PJRT_NPROC unset / os.environ / env
+    python tools/soak.py                         # 10 runs of tests, loop and example
+    python tools/soak.py --runs 3 --only loop,control
+    python tools/soak.py --example-args "--steps 100 --compare muonbp"
+    python tools/soak.py --pools   # thread pools: PJRT_NPROC unset / os.environ / env
 
 It runs the code of the checkout it lies in; to soak one commit while the working tree
 changes, run it from a clone (its package then comes first on PYTHONPATH).
@@ -42,6 +42,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+# Imports no jax: each child process sets its devices up before it imports jax.
+from lm import devices
+
 LOOP_STEPS = 400
 SHARDED_TESTS = (
     "tests/test_layouts.py",
@@ -54,10 +59,8 @@ KINDS = ("tests", "loop", "example", "control")
 
 def _loop_child(steps: int, nproc: str) -> None:
     """Many small sharded MuonBP updates, dispatched without waiting for any of them."""
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    if nproc != "none":
-        os.environ["PJRT_NPROC"] = nproc  # as tests/conftest.py does: before jax is imported
+    # As tests/conftest.py does, before jax is imported; "none" leaves PJRT_NPROC unset.
+    devices.use_cpu_devices(8, force=True, pjrt_nproc=False if nproc == "none" else int(nproc))
     import jax
     import numpy as np
     from jax.sharding import NamedSharding
@@ -82,10 +85,9 @@ def _loop_child(steps: int, nproc: str) -> None:
 
 def _pool_child(where: str) -> None:
     """Thread counts by name of a process that ran one sharded computation (Linux /proc)."""
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    if where == "os.environ":
-        os.environ["PJRT_NPROC"] = "16"  # as tests/conftest.py does: before jax is imported
+    # "os.environ": set here before jax is imported, as tests/conftest.py does; "environment":
+    # inherited from the parent; "unset": neither.
+    devices.use_cpu_devices(8, force=True, pjrt_nproc=16 if where == "os.environ" else False)
     import collections
 
     import jax
