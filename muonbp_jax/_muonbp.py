@@ -34,8 +34,8 @@ from muonbp_jax._newton_schulz import (
     Coeffs,
     Method,
     Preconditioning,
+    NewtonSchulz,
     coefficient_schedule,
-    orthogonalize,
 )
 from muonbp_jax._steps import FullStrategy
 
@@ -181,6 +181,29 @@ def _check_option_keys(params, dimension_numbers, dimension_numbers_name, block_
     )
 
 
+def _dual_pairing(m: jax.Array, o: jax.Array) -> jax.Array:
+    """⟨m, o⟩ = Re Σ conj(m)·o over the whole leaf: the real inner product, also for complex
+    leaves. optax.contrib.muon's adaptive scale keeps the complex Σ conj(m)·o; its imaginary
+    part is rounding noise (for o = U·f(S)·Vᴴ of m = U·S·Vᴴ the sum is tr(S·f(S)), real, block
+    by block too), so dropping it keeps each update a positive multiple of o."""
+    return jnp.real(jnp.sum(jnp.conj(m) * o))
+
+
+def _check_mu_dtype(params, mu_dtype) -> None:
+    """A real mu_dtype would drop the imaginary part of a complex parameter's momentum."""
+    if mu_dtype is None or jnp.issubdtype(mu_dtype, jnp.complexfloating):
+        return
+    paths, leaves, _ = _options.leaves_with_paths(params)
+    for path, x in zip(paths, leaves):
+        if jnp.iscomplexobj(x):
+            raise TypeError(
+                f"mu_dtype={jnp.dtype(mu_dtype)} would store the momentum of the complex "
+                f"parameter {_options.path_str(path)!r} ({jnp.dtype(x.dtype)}) without its "
+                "imaginary part. Use mu_dtype=None (the parameter's dtype), or keep complex "
+                "parameters in a separate optimizer (optax.partition)."
+            )
+
+
 def scale_by_muonbp(
     ns_coeffs: Coeffs = "jordan",
     ns_steps: int | None = None,
@@ -212,14 +235,18 @@ def scale_by_muonbp(
       ns_steps: Newton–Schulz iterations (default 5); static.
       beta: momentum decay (EMA with bias correction, as in optax).
       eps: added to the Newton–Schulz normalizer.
-      mu_dtype: dtype of the momentum (e.g. `jnp.bfloat16` halves its memory).
+      mu_dtype: dtype of the momentum (e.g. `jnp.bfloat16` halves its memory). A real dtype
+        with complex parameters is a TypeError at init (it would drop the imaginary part).
       period: the update with 0-based index t is a full step iff `t % period == 0`; `1` is
         Muon, `None` never takes a full step (BlockMuon).
       nesterov: Nesterov momentum, as in optax.
-      adaptive: scale each update by ⟨momentum, orthogonalized momentum⟩ (Bernstein et al.).
+      adaptive: scale each update by ⟨momentum, orthogonalized momentum⟩ (Bernstein et al.);
+        for complex leaves the real part Re Σ conj(m)·o.
       preconditioning: `"frobenius"`, `"spectral"`, `"aol"` or `"schatten"`, as in optax.
       consistent_rms: RMS matching factor; `None` uses optax's width rule.
-      ns_dtype: dtype of the Newton–Schulz matmuls (normalization is in float32).
+      ns_dtype: dtype of the Newton–Schulz matmuls (normalization is in float32). Complex
+        matrices have no half-precision type: they iterate in complex64 for bfloat16, float16
+        or float32 (complex128 for float64), with conjugate transposes.
       weight_dimension_numbers: `MuonDimensionNumbers`, a tree of them (matched by key path) or
         a callable updates -> tree; default: 2-D (reduction=0, output=1).
       specs: PartitionSpec per leaf, as a tree matched by key path (flax's `.value` ignored) or
@@ -271,6 +298,7 @@ def scale_by_muonbp(
         steps = _static_ns_steps(ns_steps)
         coefficient_schedule(ns_coeffs, steps)  # validate early
         _check_option_keys(params, weight_dimension_numbers, "weight_dimension_numbers", block_grid)
+        _check_mu_dtype(params, mu_dtype)
         the_mesh, layouts = plan(params)
         mu = optax.tree.zeros_like(params, dtype=mu_dtype)
         return MuonBPState(
@@ -281,36 +309,46 @@ def scale_by_muonbp(
         del params
         mu = optax.tree.update_moment(updates, state.mu, beta, 1)
         count_inc = optax.safe_increment(state.count)
-        if nesterov:
+        mu_leaves, treedef = jax.tree.flatten(mu)
+        grad_leaves = treedef.flatten_up_to(updates)
+
+        def direction(mus, grads):
+            """The momentum direction that is orthogonalized (Nesterov or bias-corrected)."""
+            if not nesterov:
+                return jax.tree.leaves(
+                    optax.tree.bias_correction(jax.tree.unflatten(treedef, mus), beta, count_inc)
+                )
             # The scalar factors are combined first: dividing g by 1 - beta**t before multiplying
             # by 1 - beta (optax's order) overflows for |g| above ~1e37.
             t = count_inc.astype(jnp.float32)
             mu_coef, g_coef = beta / (1 - beta ** (t + 1)), (1 - beta) / (1 - beta**t)
-            mu_hat = jax.tree.map(
-                lambda m, g: (mu_coef * m + g_coef * g).astype(jnp.result_type(m, g)),
-                mu,
-                updates,
-            )
-        else:
-            mu_hat = optax.tree.bias_correction(mu, beta, count_inc)
+            return [
+                (mu_coef * m + g_coef * g).astype(jnp.result_type(m, g))
+                for m, g in zip(mus, grads)
+            ]
 
-        the_mesh, layouts = plan(mu_hat)
-        orth = functools.partial(
-            orthogonalize,
-            ns_coeffs=ns_coeffs,
-            ns_steps=_static_ns_steps(ns_steps),
+        out_dtypes = [
+            jnp.result_type(m, g) if nesterov else m.dtype for m, g in zip(mu_leaves, grad_leaves)
+        ]
+        the_mesh, layouts = plan(jax.tree.unflatten(treedef, mu_leaves))
+        ns = NewtonSchulz.create(
+            ns_coeffs,
+            _static_ns_steps(ns_steps),
             eps=eps,
             preconditioning=preconditioning,
             dtype=ns_dtype,
             method=ns_method,
         )
-        leaves, treedef = jax.tree.flatten(mu_hat)
 
-        def full(xs):
-            return _steps.full_step(xs, layouts, the_mesh, orth, strategy=full_strategy)
+        # Each branch forms the direction from (momentum, gradient) itself and returns the
+        # Newton–Schulz output in its own (half-precision) dtype: what crosses the conditional
+        # is what exists anyway, and the casts and scalings below fuse with what follows.
+        def full(operands):
+            xs = direction(*operands)
+            return _steps.full_step(xs, layouts, the_mesh, ns, strategy=full_strategy)
 
-        def block(xs):
-            return _steps.block_step(xs, layouts, the_mesh, orth)
+        def block(operands):
+            return _steps.block_step(direction(*operands), layouts, the_mesh, ns)
 
         # Static per leaf: the shape scale of what each kind of step orthogonalizes and, on block
         # steps, the leaf's block step-size factor.
@@ -321,16 +359,21 @@ def scale_by_muonbp(
             factor = block_lr_factor(lay.matrix_shape, (rows, cols), block_lr_rule, consistent_rms)
             block_scales.append(shape_scale(rows, cols, consistent_rms) * factor)
 
+        operands = (mu_leaves, grad_leaves)
         is_full = is_full_step(state.count, period)
         if isinstance(is_full, bool):
-            orthogonal = (full if is_full else block)(leaves)
+            orthogonal = (full if is_full else block)(operands)
             scales = full_scales if is_full else block_scales
         else:
-            orthogonal = jax.lax.cond(is_full, full, block, leaves)
+            orthogonal = jax.lax.cond(is_full, full, block, operands)
             scales = [jnp.where(is_full, f, b) for f, b in zip(full_scales, block_scales)]
+        orthogonal = [o.astype(d) for o, d in zip(orthogonal, out_dtypes)]
 
         if adaptive:
-            orthogonal = [jnp.sum(m * o) * o for m, o in zip(leaves, orthogonal)]
+            orthogonal = [
+                _dual_pairing(m, o) * o
+                for m, o in zip(direction(mu_leaves, grad_leaves), orthogonal)
+            ]
         new_updates = [(o * s).astype(o.dtype) for o, s in zip(orthogonal, scales)]
         return jax.tree.unflatten(treedef, new_updates), MuonBPState(
             count=count_inc, mu=optax.tree.cast(mu, mu_dtype)
@@ -518,6 +561,8 @@ def muonbp(
         _check_option_keys(
             params, muon_weight_dimension_numbers, "muon_weight_dimension_numbers", block_grid
         )
+        # Also the AdamW leaves: optax.adamw would cast their complex moments to mu_dtype.
+        _check_mu_dtype(params, _static_dtype(mu_dtype, "mu_dtype"))
         state = inner.init(params)
         return _placement.place_state_like_params(state, params, specs, mesh)
 

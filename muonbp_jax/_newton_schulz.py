@@ -1,13 +1,15 @@
 """Newton–Schulz orthogonalization: the math, with no knowledge of meshes.
 
-`orthogonalize` maps a batch of matrices X (last two axes) to an approximation of U·Vᵀ, where
-X = U·S·Vᵀ is the reduced SVD. The block step, the full step and single-device use all call it
+`orthogonalize` maps a batch of matrices X (last two axes) to an approximation of U·Vᴴ, where
+X = U·S·Vᴴ is the reduced SVD (Vᴴ = Vᵀ for real X; complex X is iterated with conjugate
+transposes, as in optax). The block step, the full step and single-device use all call it
 unchanged; only what they feed it differs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Sequence
 from typing import Literal, get_args
 
 import jax
@@ -83,9 +85,22 @@ def coefficient_schedule(ns_coeffs: Coeffs, ns_steps: int) -> np.ndarray:
     return table[: int(ns_steps)]
 
 
+def _adjoint(x: jax.Array) -> jax.Array:
+    """Xᴴ of the last two axes: the transpose, conjugated for complex X (a no-op for real X,
+    which leaves the real computation unchanged)."""
+    return jnp.conj(jnp.swapaxes(x, -1, -2))
+
+
+def _abs_square(x: jax.Array) -> jax.Array:
+    """|x|² elementwise, real-valued also for complex x."""
+    if jnp.iscomplexobj(x):
+        return jnp.square(jnp.real(x)) + jnp.square(jnp.imag(x))
+    return jnp.square(x)
+
+
 def _newton_schulz_step(x: jax.Array, a: float, b: float, c: float) -> jax.Array:
-    # Quintic step X ← aX + (bA + cA²)X with A = XXᵀ, for X of shape (..., m, n), m ≤ n.
-    gram = x @ jnp.swapaxes(x, -1, -2)
+    # Quintic step X ← aX + (bA + cA²)X with A = XXᴴ, for X of shape (..., m, n), m ≤ n.
+    gram = x @ _adjoint(x)
     return a * x + (b * gram + c * gram @ gram) @ x
 
 
@@ -125,12 +140,12 @@ def _gram_newton_schulz(x: jax.Array, schedule: np.ndarray) -> jax.Array:
     squared singular values), so X and R are rebuilt at the restarts of `_gram_restarts`.
     """
     eye = jnp.eye(x.shape[-2], dtype=x.dtype)
-    gram = x @ jnp.swapaxes(x, -1, -2)
+    gram = x @ _adjoint(x)
     restarts, q = _gram_restarts(len(schedule)), None
     for i, (a, b, c) in enumerate(schedule):
         if i in restarts:
             x = q @ x
-            gram, q = x @ jnp.swapaxes(x, -1, -2), None
+            gram, q = x @ _adjoint(x), None
         poly = float(b) * gram + float(c) * (gram @ gram) + float(a) * eye
         # All iterates are polynomials of R, so Q and the step polynomial commute.
         q = poly if q is None else q @ poly
@@ -140,7 +155,11 @@ def _gram_newton_schulz(x: jax.Array, schedule: np.ndarray) -> jax.Array:
 
 
 def _precondition(x: jax.Array, preconditioning: str, eps: float) -> jax.Array:
-    """Scales x (float32) so that its spectral norm is at most 1."""
+    """Scales x (float32, or complex64 for complex x) so that its spectral norm is at most 1.
+
+    For complex x every norm is real-valued: max|x|, ‖X‖_F² = Σ|x|², ‖X‖₂, and the Gram forms
+    use XXᴴ (Hermitian).
+    """
     # Squares overflow float32 above ~1.8e19 (a 1e30 gradient gave a zero update) and underflow
     # below ~1e-19, so norms are taken of x / max|x| per matrix, with eps rescaled to match:
     # the result is still x / (norm(x) + eps), or x·rsqrt(max(·, eps)) for the Gram forms.
@@ -151,23 +170,105 @@ def _precondition(x: jax.Array, preconditioning: str, eps: float) -> jax.Array:
     root = jnp.sqrt(peak)
     x, eps_gram, eps = x / root / root, eps / jnp.square(peak), eps / peak
     if preconditioning == "frobenius":
-        norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True))
+        norm = jnp.sqrt(jnp.sum(_abs_square(x), axis=(-2, -1), keepdims=True))
         return x / (norm + eps)
     if preconditioning == "spectral":
         norm = jnp.linalg.norm(x, ord=2, axis=(-2, -1), keepdims=True)
         return x / (norm + eps)
     if preconditioning == "aol":
         # Almost-orthogonal-layer rescaling (Boissin et al. 2025, arXiv 2512.04632): scale row i
-        # by 1/sqrt(Σ_j |XXᵀ|_ij), which bounds the spectral norm by 1.
-        gram = x @ jnp.swapaxes(x, -1, -2)
+        # by 1/sqrt(Σ_j |XXᴴ|_ij), which bounds the spectral norm by 1.
+        gram = x @ _adjoint(x)
         rows = jnp.maximum(jnp.sum(jnp.abs(gram), axis=-1, keepdims=True), eps_gram)
         return x * jax.lax.rsqrt(rows)
     if preconditioning == "schatten":
-        # Schatten-4 norm ‖XXᵀ‖_F^(1/2) ≥ ‖X‖₂ (Grishina et al. 2025, arXiv 2506.10935).
-        gram = x @ jnp.swapaxes(x, -1, -2)
-        norm = jnp.sqrt(jnp.sum(jnp.square(gram), axis=(-2, -1), keepdims=True))
+        # Schatten-4 norm ‖XXᴴ‖_F^(1/2) ≥ ‖X‖₂ (Grishina et al. 2025, arXiv 2506.10935).
+        gram = x @ _adjoint(x)
+        norm = jnp.sqrt(jnp.sum(_abs_square(gram), axis=(-2, -1), keepdims=True))
         return x * jax.lax.rsqrt(jnp.maximum(norm, eps_gram))
     raise ValueError(f"Unknown preconditioning {preconditioning!r}; use one of {PRECONDITIONINGS}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class NewtonSchulz:
+    """Newton–Schulz settings, split into the two phases that `orthogonalize_many` batches.
+
+    `prepare` puts one matrix in wide form (m ≤ n), normalizes it in float32 and casts it to
+    the dtype its iteration runs in; `iterate` runs the iteration on a batch of prepared
+    matrices of one shape. Preparing each matrix before same-shape matrices are concatenated
+    means the concatenation copies half-precision data, not the float32 input.
+    """
+
+    schedule: tuple[tuple[float, float, float], ...]
+    eps: float = 1e-8
+    preconditioning: Preconditioning = "frobenius"
+    dtype: jnp.dtype = jnp.dtype(jnp.bfloat16)
+    method: Method = "newton_schulz"
+
+    @classmethod
+    def create(
+        cls,
+        ns_coeffs: Coeffs = "jordan",
+        ns_steps: int = 5,
+        *,
+        eps: float = 1e-8,
+        preconditioning: Preconditioning = "frobenius",
+        dtype: jnp.dtype | None = jnp.bfloat16,
+        method: Method = "newton_schulz",
+    ) -> NewtonSchulz:
+        if method not in NS_METHODS:
+            raise ValueError(f"Unknown Newton–Schulz method {method!r}; use one of {NS_METHODS}.")
+        if preconditioning not in PRECONDITIONINGS:
+            raise ValueError(
+                f"Unknown preconditioning {preconditioning!r}; use one of {PRECONDITIONINGS}."
+            )
+        schedule = tuple(tuple(float(v) for v in row) for row in coefficient_schedule(ns_coeffs, ns_steps))
+        compute = jnp.dtype(jnp.float32 if dtype is None else dtype)
+        if jnp.issubdtype(compute, jnp.complexfloating):
+            compute = jnp.finfo(compute).dtype  # a complex dtype names its precision
+        # eps may be traced (optax.inject_hyperparams makes float arguments arrays).
+        return cls(schedule, eps, preconditioning, compute, method)
+
+    def uses_gram(self, m: int, n: int) -> bool:
+        """Whether a matrix of this (wide or tall) shape is iterated in the Gram form."""
+        return self.method == "gram" and _uses_gram(min(m, n), max(m, n), len(self.schedule))
+
+    def compute_dtype(self, m: int, n: int, complex_input: bool = False) -> jnp.dtype:
+        if complex_input:
+            # Complex has no half-precision type: every dtype below float64 means complex64.
+            return jnp.dtype(jnp.complex128 if self.dtype == jnp.float64 else jnp.complex64)
+        if self.uses_gram(m, n) and self.dtype == jnp.bfloat16:
+            return jnp.dtype(jnp.float16)
+        return self.dtype
+
+    def prepare(self, x: jax.Array) -> jax.Array:
+        """(..., m, n) → wide (..., min, max), normalized, in the iteration's dtype."""
+        if x.shape[-2] > x.shape[-1]:
+            x = jnp.swapaxes(x, -1, -2)  # the transpose, not Xᴴ: NS(Xᵀ) = NS(X)ᵀ for complex X too
+        if jnp.iscomplexobj(x):
+            dtype = self.compute_dtype(*x.shape[-2:], complex_input=True)
+            return _precondition(x.astype(dtype), self.preconditioning, self.eps)
+        y = _precondition(x.astype(jnp.float32), self.preconditioning, self.eps)
+        return y.astype(self.compute_dtype(*x.shape[-2:]))
+
+    def iterate(self, y: jax.Array) -> jax.Array:
+        """The iteration on prepared (wide) matrices; returns them in the iteration's dtype."""
+        schedule = np.asarray(self.schedule)
+        if self.uses_gram(*y.shape[-2:]):
+            return _gram_newton_schulz(y, schedule)
+        if len(set(self.schedule)) == 1:
+            a, b, c = self.schedule[0]
+            return jax.lax.fori_loop(
+                0, len(schedule), lambda _, z: _newton_schulz_step(z, a, b, c), y, unroll=True
+            )
+        for a, b, c in self.schedule:
+            y = _newton_schulz_step(y, a, b, c)
+        return y
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Orthogonalizes the last two axes of x; the result is in the iteration's dtype."""
+        y = self.iterate(self.prepare(x))
+        return jnp.swapaxes(y, -1, -2) if x.shape[-2] > x.shape[-1] else y
 
 
 def orthogonalize(
@@ -185,8 +286,14 @@ def orthogonalize(
     Leading axes are batch axes: each matrix is treated independently, in one batched call.
     The input is normalized in float32, iterated in `dtype`, and returned in `x.dtype`.
 
+    Complex input is orthogonalized with conjugate transposes (the Gram matrix is XXᴴ, norms
+    are real: max|x|, Σ|x|²), so the result approximates U·Vᴴ. Complex has no half-precision
+    type, so for complex `x` the iteration runs in complex64 whenever `dtype` is bfloat16,
+    float16 or float32 (and in complex128 for float64); normalization is in complex64. A
+    complex `dtype` names its precision: complex64 means float32 for real input.
+
     `method="gram"` computes the same polynomial of X (equal in exact arithmetic) by iterating
-    on the m×m Gram matrix XXᵀ (m ≤ n), with restarts: fewer FLOPs when n ≥ 2m (e.g. 60 vs 90
+    on the m×m Gram matrix XXᴴ (m ≤ n), with restarts: fewer FLOPs when n ≥ 2m (e.g. 60 vs 90
     m³ for n = 4m, five steps); matrices where it would not save FLOPs use the plain
     iteration. In half precision its iterations run in float16 even when `dtype` is bfloat16:
     the Gram matrix squares the condition number, and bfloat16's 7-bit mantissa was measured to
@@ -200,8 +307,8 @@ def orthogonalize(
       ns_steps: number of iterations (see `coefficient_schedule` for per-step tables).
       eps: added to the normalizer so that a zero matrix maps to zero.
       preconditioning: how X is scaled below spectral norm 1 before iterating, as in optax.
-      dtype: dtype of the matmuls (None: float32).
-      method: `"newton_schulz"` (iterate on X) or `"gram"` (iterate on XXᵀ, see above).
+      dtype: dtype of the matmuls (None: float32); complex input: complex64, see above.
+      method: `"newton_schulz"` (iterate on X) or `"gram"` (iterate on XXᴴ, see above).
 
     Returns:
       An array like `x` whose matrices have singular values near 1 (in [0.7, 1.2] for the
@@ -209,54 +316,31 @@ def orthogonalize(
     """
     if x.ndim < 2:
         raise ValueError(f"orthogonalize needs an array of rank >= 2, got shape {x.shape}.")
-    if method not in NS_METHODS:
-        raise ValueError(f"Unknown Newton–Schulz method {method!r}; use one of {NS_METHODS}.")
-    schedule = coefficient_schedule(ns_coeffs, ns_steps)
-    compute_dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
-    transposed = x.shape[-2] > x.shape[-1]
-    y = jnp.swapaxes(x, -1, -2) if transposed else x
-    gram = method == "gram" and _uses_gram(*y.shape[-2:], len(schedule))
-    if gram and compute_dtype == jnp.bfloat16:
-        compute_dtype = jnp.dtype(jnp.float16)
-    y = _precondition(y.astype(jnp.float32), preconditioning, eps)
-    y = y.astype(compute_dtype)
-    if gram:
-        y = _gram_newton_schulz(y, schedule)
-    elif len(set(map(tuple, schedule))) == 1:
-        a, b, c = (float(v) for v in schedule[0])
-        y = jax.lax.fori_loop(
-            0, len(schedule), lambda _, z: _newton_schulz_step(z, a, b, c), y, unroll=True
-        )
-    else:
-        for a, b, c in schedule:
-            y = _newton_schulz_step(y, float(a), float(b), float(c))
-    if transposed:
-        y = jnp.swapaxes(y, -1, -2)
-    return y.astype(x.dtype)
+    ns = NewtonSchulz.create(
+        ns_coeffs, ns_steps, eps=eps, preconditioning=preconditioning, dtype=dtype, method=method
+    )
+    return ns(x).astype(x.dtype)
 
 
-def orthogonalize_many(
-    matrices: Sequence[jax.Array], orth: Callable[[jax.Array], jax.Array]
-) -> list[jax.Array]:
-    """Applies `orth` to a list of (batch, m, n) arrays, one batched call per matrix shape.
+def orthogonalize_many(matrices: Sequence[jax.Array], ns: NewtonSchulz) -> list[jax.Array]:
+    """Orthogonalizes a list of (batch, m, n) arrays, one batched iteration per matrix shape.
 
-    Matrices are put in wide form (m ≤ n) first, so an m×n and an n×m share a call.
+    Each array is prepared on its own (wide form, normalized, cast), so an m×n and an n×m share
+    an iteration and what is concatenated is already in the iteration's dtype. The results come
+    back in that dtype (bfloat16 by default): the caller casts, where the cast can fuse with
+    what follows.
     """
-    wide = [jnp.swapaxes(m, -1, -2) if m.shape[-2] > m.shape[-1] else m for m in matrices]
+    prepared = [ns.prepare(m) for m in matrices]
     groups: dict[tuple[int, int, jnp.dtype], list[int]] = {}
-    for i, m in enumerate(wide):
-        groups.setdefault((*m.shape[-2:], m.dtype), []).append(i)
-    out: list[jax.Array | None] = [None] * len(wide)
+    for i, y in enumerate(prepared):
+        groups.setdefault((*y.shape[-2:], y.dtype), []).append(i)
+    out: list[jax.Array | None] = [None] * len(prepared)
     for members in groups.values():
-        stacked = (
-            jnp.concatenate([wide[i] for i in members]) if len(members) > 1 else wide[members[0]]
-        )
-        result = orth(stacked)
-        offset = 0
-        for i in members:
-            n = wide[i].shape[0]
-            out[i] = result[offset : offset + n]
-            offset += n
+        parts = [prepared[i] for i in members]
+        result = ns.iterate(jnp.concatenate(parts) if len(parts) > 1 else parts[0])
+        offsets = np.cumsum([0] + [p.shape[0] for p in parts])
+        for i, lo, hi in zip(members, offsets[:-1], offsets[1:]):
+            out[i] = result if len(parts) == 1 else result[lo:hi]
     return [
         jnp.swapaxes(o, -1, -2) if m.shape[-2] > m.shape[-1] else o for o, m in zip(out, matrices)
     ]

@@ -4,13 +4,13 @@
 * `full_step` orthogonalizes whole matrices and hands each device back its own part; how the
   matrices are made whole, gathered or split over the devices that share them, is `_exchange`.
 
-Both run per device inside `jax.shard_map` and feed `orthogonalize_many` the same way.
+Both run per device inside `jax.shard_map` and feed `orthogonalize_many` the same way; both
+return the orthogonalized leaves in the Newton–Schulz iteration's dtype (the caller casts).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Literal, get_args
 
 import jax
@@ -29,9 +29,8 @@ from muonbp_jax._layout import (
     to_stack,
     to_tiles,
 )
-from muonbp_jax._newton_schulz import orthogonalize_many
+from muonbp_jax._newton_schulz import NewtonSchulz, orthogonalize_many
 
-Orthogonalizer = Callable[[jax.Array], jax.Array]
 FullStrategy = Literal["gather", "all_to_all", "auto"]
 FULL_STRATEGIES: tuple[str, ...] = get_args(FullStrategy)
 
@@ -56,14 +55,14 @@ def _on_mesh(fn, mesh: Mesh | None, layouts: list[Layout], leaves: list[jax.Arra
 
 
 def block_step(
-    leaves: list[jax.Array], layouts: list[Layout], mesh: Mesh | None, orth: Orthogonalizer
+    leaves: list[jax.Array], layouts: list[Layout], mesh: Mesh | None, ns: NewtonSchulz
 ) -> list[jax.Array]:
     """Orthogonalizes each device-local block (split further by block_grid) independently."""
 
     def local(xs):
         stacks = [to_stack(x, lay) for x, lay in zip(xs, layouts)]
         tiles = [to_tiles(to_matrices(s, lay), lay.grid) for s, lay in zip(stacks, layouts)]
-        tiles = orthogonalize_many(tiles, orth)
+        tiles = orthogonalize_many(tiles, ns)
         return [
             from_stack(from_matrices(from_tiles(t, lay.grid), s.shape), lay, x.shape)
             for x, s, t, lay in zip(xs, stacks, tiles, layouts)
@@ -76,7 +75,7 @@ def full_step(
     leaves: list[jax.Array],
     layouts: list[Layout],
     mesh: Mesh | None,
-    orth: Orthogonalizer,
+    ns: NewtonSchulz,
     strategy: FullStrategy,
 ) -> list[jax.Array]:
     """Orthogonalizes every whole matrix; each device keeps its own part.
@@ -93,7 +92,7 @@ def full_step(
         stacks = [jnp.concatenate(m) if len(m) > 1 else m[0] for m in members]
         wholes = _exchange.to_whole(stacks, groups, mesh)
         mats = [to_matrices(w, layouts[g.members[0]]) for w, g in zip(wholes, groups)]
-        mats = orthogonalize_many(mats, orth)
+        mats = orthogonalize_many(mats, ns)
         done = _exchange.to_local(
             [from_matrices(m, w.shape) for m, w in zip(mats, wholes)], groups, mesh
         )
