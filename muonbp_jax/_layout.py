@@ -200,11 +200,11 @@ def _concrete_sharding_is_split(x: Any) -> bool:
 
 def _check_dtype(path: Path, x: Any) -> None:
     dtype = getattr(x, "dtype", None)
-    if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
+    if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
         raise TypeError(
-            f"Parameter {path_str(path)!r} has dtype {dtype}, but Muon orthogonalizes real "
-            "floating-point matrices (an integer one cannot take its updates; a complex one "
-            "would need conjugate transposes). Keep it away from Muon: None for that leaf in "
+            f"Parameter {path_str(path)!r} has dtype {dtype}, but Muon orthogonalizes "
+            "floating-point (real or complex) matrices: an integer or boolean one cannot take "
+            "its updates. Keep it away from Muon: None for that leaf in "
             "muon_weight_dimension_numbers, or optax.partition/optax.masked around the optimizer."
         )
 
