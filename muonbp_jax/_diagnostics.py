@@ -1,0 +1,446 @@
+"""What each MuonBP update did: step kind, step size, update norms, Newton–Schulz quality.
+
+Opt-in (`diagnostics=True` or `Diagnostics(...)` in `scale_by_muonbp`/`muonbp`): the state of
+`scale_by_muonbp` then carries a `MuonBPDiagnostics` under the field `diagnostics`, read with
+`optax.tree.get(opt_state, "diagnostics")`, and `scale_by_step_learning_rate` records the rate it
+applied (`learning_rate`); `read_diagnostics(opt_state)` flattens both into a dict of scalars.
+
+What is measured, per matrix leaf, on the update U = s·O of the paper (O the Newton–Schulz
+output: the whole matrix on full steps, one per block on block steps; s the shape scale of what
+was orthogonalized), so that the parameter moves by −learning_rate·U (plus weight decay):
+
+* the update's RMS (exact) and spectral norm ‖U‖₂ (of the whole matrix, max over the leaf's
+  matrices), and the block spectral norm max_b ‖U_b‖₂ over the blocks that were orthogonalized
+  (the norm of the paper's analysis for block steps; equal to ‖U‖₂ on full steps);
+* σ_max and σ_min of O over the pieces that were orthogonalized: both 1 for an exactly
+  orthogonal O (semi-orthogonal for rectangular matrices, on its smaller side);
+* the block step-size factor ρ that the step used (1 on full steps) and the Frobenius norm of
+  the momentum.
+
+Extreme singular values come from a few Lanczos iterations on the Gram matrix of the smaller
+side (Golub & Van Loan, "Matrix Computations", 4th ed., §10.1), in float32, from a fixed start
+vector, with full reorthogonalization: each iteration is one product with the Gram matrix (two
+matrix-vector products with the matrix, as a power iteration), and its Ritz values bracket the
+spectrum from inside, so σ_max is never overestimated and σ_min never underestimated; a few
+iterations find σ_max well (a Krylov space beats a power iteration of the same length) and
+σ_min more roughly.
+
+Communication: block statistics are per block, inside `jax.shard_map`, combined by one
+all-reduce (max) of four floats per leaf; norms by scalar all-reduces. The whole matrix's
+spectral norm of a leaf whose matrix axes the mesh cuts needs, per Lanczos iteration, an
+all-reduce of a float32 vector of the local side length: on full steps always (they communicate
+anyway), on block steps only with `Diagnostics(whole_norm_on_block_steps=True)`; otherwise those
+leaves report NaN for `update_spectral` on block steps and block steps keep to scalar
+all-reduces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from muonbp_jax._layout import Layout, Mesh, to_matrices, to_stack, to_tiles
+from muonbp_jax._options import path_names, path_str
+
+DEFAULT_ITERATIONS = 5
+_START_KEY = 0  # the fixed key of every start vector
+
+
+@dataclasses.dataclass(frozen=True)
+class Diagnostics:
+    """What `diagnostics=` of `scale_by_muonbp`/`muonbp` records.
+
+    Attributes:
+      per_leaf: also record every leaf's values (a tree like the updates), not only the mean,
+        max and min over leaves.
+      iterations: Lanczos iterations per singular-value estimate (matrix-vector products with
+        the Gram matrix); more is more accurate and costs two passes over the update each.
+      whole_norm_on_block_steps: on block steps, compute the whole update's spectral norm also
+        for leaves whose matrix axes the mesh cuts, with one vector all-reduce per iteration;
+        False keeps block steps to scalar all-reduces (those leaves then report NaN).
+    """
+
+    per_leaf: bool = False
+    iterations: int = DEFAULT_ITERATIONS
+    whole_norm_on_block_steps: bool = False
+
+
+DiagnosticsOption = bool | str | Diagnostics | None
+
+
+def resolve(option: DiagnosticsOption) -> Diagnostics | None:
+    """`diagnostics=` as a `Diagnostics` (None when off): False/None, True, "per_leaf", or a
+    `Diagnostics`."""
+    if option is None or option is False:
+        return None
+    if option is True:
+        return Diagnostics()
+    if isinstance(option, str) and option == "per_leaf":
+        return Diagnostics(per_leaf=True)
+    if isinstance(option, Diagnostics):
+        if not isinstance(option.iterations, int) or option.iterations < 1:
+            raise ValueError(
+                f"Diagnostics.iterations must be an int >= 1, got {option.iterations!r}."
+            )
+        return option
+    raise ValueError(
+        "diagnostics must be False, True, 'per_leaf' or a muonbp_jax.Diagnostics, got "
+        f"{option!r}."
+    )
+
+
+class LeafDiagnostics(NamedTuple):
+    """Float32 scalars describing one matrix leaf's update (or their mean, max or min over the
+    Muon leaves). U = s·O is the update before the learning rate (see the module docstring)."""
+
+    block_factor: jax.Array  # ρ used by this step (1 on full steps)
+    update_rms: jax.Array  # RMS of U
+    update_spectral: jax.Array  # ‖U‖₂ of the whole matrix (max over the leaf's matrices)
+    block_spectral: jax.Array  # max over orthogonalized pieces of ‖U_piece‖₂
+    ns_sigma_max: jax.Array  # largest singular value of O over the pieces (1: orthogonal)
+    ns_sigma_min: jax.Array  # smallest singular value of O (smaller side) over the pieces
+    momentum_norm: jax.Array  # Frobenius norm of the momentum
+
+
+class MuonBPDiagnostics(NamedTuple):
+    """The `diagnostics` field of `MuonBPState`: the last update's values."""
+
+    full_step: jax.Array  # float32: 1 for a full step, 0 for a block step
+    mean: LeafDiagnostics  # over the Muon leaves
+    max: LeafDiagnostics
+    min: LeafDiagnostics
+    per_leaf: Any  # a tree like the updates with a LeafDiagnostics per leaf, or None
+
+
+def _zeros() -> LeafDiagnostics:
+    return LeafDiagnostics(*(jnp.zeros([], jnp.float32) for _ in LeafDiagnostics._fields))
+
+
+def initial(config: Diagnostics, treedef: Any, count: int) -> MuonBPDiagnostics:
+    """The diagnostics before the first update (zeros), with the structure updates produce."""
+    per_leaf = None
+    if config.per_leaf:
+        per_leaf = jax.tree.unflatten(treedef, [_zeros() for _ in range(count)])
+    return MuonBPDiagnostics(jnp.zeros([], jnp.float32), _zeros(), _zeros(), _zeros(), per_leaf)
+
+
+# ----------------------------------------------------------------------------- Lanczos
+
+
+def lanczos_extremes(
+    gram: Callable[[jax.Array], jax.Array],
+    dot: Callable[[jax.Array, jax.Array], jax.Array],
+    start: jax.Array,
+    iterations: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Smallest and largest Ritz values of a symmetric PSD operator after `iterations` steps.
+
+    `gram(q)` applies the operator to a batch of vectors (..., d); `dot(a, b)` is the inner
+    product over the last axis (all of it: a distributed caller sums over devices), shaped
+    (...). Both Ritz values lie in [λ_min, λ_max]. Full reorthogonalization (classical
+    Gram–Schmidt, applied twice) keeps float32 Lanczos stable at these lengths; an invariant
+    subspace found early (the residual vanishes, e.g. for an exactly orthogonal matrix) ends the
+    recurrence, the remaining diagonal entries repeat a Ritz value already found.
+    """
+    start = start.astype(jnp.float32)
+    batch, k = start.shape[:-1], iterations
+    q0 = start * jax.lax.rsqrt(jnp.maximum(dot(start, start), 1e-30))[..., None]
+    basis = jnp.zeros((*batch, k + 1, start.shape[-1]), jnp.float32).at[..., 0, :].set(q0)
+    zeros = jnp.zeros((*batch, k), jnp.float32)
+
+    def step(j, carry):
+        basis, alphas, betas, alive, tol = carry
+        q = basis[..., j, :]
+        w = gram(q)
+        alpha = dot(q, w)
+        tol = jnp.where(j == 0, 1e-4 * jnp.abs(alpha), tol)
+        for _ in range(2):  # rows not yet filled are zero and remove nothing
+            w = w - jnp.einsum("...j,...jd->...d", dot(basis, w[..., None, :]), basis)
+        beta = jnp.sqrt(jnp.maximum(dot(w, w), 0.0))
+        # Once the residual vanishes, later diagonal entries repeat the first Ritz value.
+        alpha = jnp.where(alive, alpha, alphas[..., 0])
+        alive = alive & (beta > tol)
+        nxt = jnp.where(alive[..., None], w / jnp.where(alive, beta, 1.0)[..., None], 0.0)
+        return (
+            basis.at[..., j + 1, :].set(nxt),
+            alphas.at[..., j].set(alpha),
+            betas.at[..., j].set(jnp.where(alive, beta, 0.0)),
+            alive,
+            tol,
+        )
+
+    carry = (basis, zeros, zeros, jnp.ones(batch, bool), jnp.zeros(batch, jnp.float32))
+    _, alphas, betas, _, _ = jax.lax.fori_loop(0, k, step, carry)
+    upper = jnp.eye(k, k, 1, dtype=jnp.float32)
+    band = betas.at[..., k - 1].set(0.0)[..., :, None] * upper  # β_j at (j, j+1)
+    tri = alphas[..., :, None] * jnp.eye(k, dtype=jnp.float32) + band + jnp.swapaxes(band, -1, -2)
+    ritz = jnp.linalg.eigvalsh(tri)
+    return jnp.maximum(ritz[..., 0], 0.0), jnp.maximum(ritz[..., -1], 0.0)
+
+
+def _start(shape: tuple[int, ...], position: jax.Array | int = 0) -> jax.Array:
+    """A fixed pseudo-random start vector; `position` tells the devices' slices apart."""
+    key = jax.random.fold_in(jax.random.key(_START_KEY), position)
+    return jax.random.normal(key, shape, jnp.float32)
+
+
+def _real(m: jax.Array) -> jax.Array:
+    """float32 matrices with the singular values of `m` (..., a, b): a complex one becomes its
+    real form [[Re, −Im], [Im, Re]] (2a×2b, every singular value twice). Blocks of it stay
+    blocks: the real forms of a partition of rows and columns partition the real form's."""
+    if not jnp.iscomplexobj(m):
+        return m.astype(jnp.float32)
+    re, im = jnp.real(m).astype(jnp.float32), jnp.imag(m).astype(jnp.float32)
+    return jnp.concatenate(
+        [jnp.concatenate([re, -im], -1), jnp.concatenate([im, re], -1)], -2
+    )
+
+
+def _abs2_sum(x: jax.Array) -> jax.Array:
+    """Σ|x|² in float32 (also for complex x)."""
+    if jnp.iscomplexobj(x):
+        x = jnp.abs(x)
+    return jnp.sum(jnp.square(x.astype(jnp.float32)))
+
+
+def _local_dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.sum(a * b, axis=-1)
+
+
+def piece_extremes(m: jax.Array, iterations: int) -> tuple[jax.Array, jax.Array]:
+    """(σ_min, σ_max) of each matrix of `m` (..., a, b), on its smaller side; no communication."""
+    m = _real(m)
+    if m.shape[-2] > m.shape[-1]:
+        m = jnp.swapaxes(m, -1, -2)
+    gram = lambda u: jnp.einsum("...ab,...b->...a", m, jnp.einsum("...ab,...a->...b", m, u))
+    start = jnp.broadcast_to(_start(m.shape[-2:-1]), m.shape[:-1])
+    low, high = lanczos_extremes(gram, _local_dot, start, iterations)
+    return jnp.sqrt(low), jnp.sqrt(high)
+
+
+def _psum(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    return jax.lax.psum(x, axes) if axes else x
+
+
+def _union(entries: Sequence[tuple[str, ...]]) -> tuple[str, ...]:
+    return tuple(a for e in entries for a in e)
+
+
+def whole_extremes(
+    m: jax.Array, lay: Layout, iterations: int, on_mesh: bool
+) -> tuple[jax.Array, jax.Array]:
+    """(σ_min, σ_max) of each whole matrix of a leaf whose local matrices are `m` (n, R, C).
+
+    Inside `jax.shard_map` (`on_mesh`) the whole matrix is the grid of the devices' blocks over
+    the mesh axes that cut its rows and columns; products with it sum over those axes.
+    """
+    m = _real(m)
+    cuts = lay.cuts if on_mesh else tuple(() for _ in lay.matrix_axes)
+    row_axes = _union(cuts[: len(lay.reduction_axes)])
+    col_axes = _union(cuts[len(lay.reduction_axes) :])
+    rows, cols = lay.matrix_shape
+    if rows > cols:  # iterate on the smaller side: work with the transpose
+        m, row_axes, col_axes = jnp.swapaxes(m, -1, -2), col_axes, row_axes
+
+    def gram(u):
+        w = _psum(jnp.einsum("...ab,...a->...b", m, u), row_axes)
+        return _psum(jnp.einsum("...ab,...b->...a", m, w), col_axes)
+
+    dot = lambda a, b: _psum(_local_dot(a, b), row_axes)
+    position = jax.lax.axis_index(row_axes) if row_axes else 0
+    start = jnp.broadcast_to(_start(m.shape[-2:-1], position), m.shape[:-1])
+    low, high = lanczos_extremes(gram, dot, start, iterations)
+    return jnp.sqrt(low), jnp.sqrt(high)
+
+
+class _Sigmas(NamedTuple):
+    """Per leaf (shape (L,)): σ_max of the whole O, and σ_max, σ_min of O over the pieces that
+    were orthogonalized."""
+
+    whole_max: jax.Array
+    piece_max: jax.Array
+    piece_min: jax.Array
+
+
+def _sigmas(
+    orthogonal: list[jax.Array],
+    layouts: list[Layout],
+    mesh: Mesh | None,
+    config: Diagnostics,
+    full: bool,
+) -> _Sigmas:
+    """The singular values of one kind of step, computed per device and combined by one max
+    all-reduce (minima enter negated)."""
+    iterations = config.iterations
+    on_mesh = mesh is not None and any(lay.spec is not None for lay in layouts)
+    # Which leaves get the whole matrix's σ: all on full steps; on block steps those that need
+    # no vector all-reduce for it (no mesh axis cuts their matrices), or all when asked.
+    whole = [
+        full or config.whole_norm_on_block_steps or not (on_mesh and any(lay.cuts))
+        for lay in layouts
+    ]
+
+    def local(xs):
+        highs, piece_highs, piece_lows = [], [], []
+        for x, lay in zip(xs, layouts):
+            mats = to_matrices(to_stack(x, lay), lay)
+            if whole[len(highs)]:
+                low, high = whole_extremes(mats, lay, iterations, on_mesh)
+                whole_high = jnp.max(high)
+            else:
+                whole_high = jnp.zeros([], jnp.float32)  # NaN below (a max all-reduce drops NaN)
+            if full:
+                piece_low, piece_high = jnp.min(low), jnp.max(high)
+            else:
+                low, high = piece_extremes(to_tiles(mats, lay.grid), iterations)
+                piece_low, piece_high = jnp.min(low), jnp.max(high)
+            highs.append(whole_high)
+            piece_highs.append(piece_high)
+            piece_lows.append(piece_low)
+        packed = jnp.stack([jnp.stack(highs), jnp.stack(piece_highs), -jnp.stack(piece_lows)])
+        if on_mesh:
+            packed = jax.lax.pmax(packed, tuple(mesh.axis_names))
+        return packed
+
+    if on_mesh:
+        specs = [P(*lay.spec) if lay.spec is not None else P() for lay in layouts]
+        packed = jax.shard_map(
+            local, mesh=mesh, in_specs=(specs,), out_specs=P(), check_vma=False
+        )(orthogonal)
+    else:
+        packed = local(orthogonal)
+    whole_max = jnp.where(np.asarray(whole), packed[0], jnp.nan)
+    return _Sigmas(whole_max, packed[1], -packed[2])
+
+
+def compute(
+    config: Diagnostics,
+    orthogonal: list[jax.Array],
+    momentum: list[jax.Array],
+    is_full: jax.Array | bool,
+    layouts: list[Layout],
+    mesh: Mesh | None,
+    *,
+    full_scales: Sequence[float],
+    block_scales: Sequence[float],
+    block_factors: Sequence[float],
+    adaptive_coefs: Sequence[jax.Array] | None,
+    treedef: Any,
+) -> MuonBPDiagnostics:
+    """The diagnostics of one update.
+
+    Args:
+      orthogonal: the Newton–Schulz outputs O, one per leaf (as `lax.cond` produced them).
+      momentum: the momentum leaves (their Frobenius norms are recorded).
+      is_full: the step kind (a traced bool under `lax.cond`, or a static one).
+      full_scales, block_scales: per leaf, the shape scale s of a whole matrix and of a block
+        (without the block factor); block_factors: ρ per leaf.
+      adaptive_coefs: per leaf ⟨momentum, O⟩ when `adaptive=True` (it multiplies U), else None.
+      treedef: the structure of the updates (for `per_leaf`).
+    """
+    if isinstance(is_full, bool):
+        sigmas = _sigmas(orthogonal, layouts, mesh, config, is_full)
+    else:
+        sigmas = jax.lax.cond(
+            is_full,
+            lambda xs: _sigmas(xs, layouts, mesh, config, True),
+            lambda xs: _sigmas(xs, layouts, mesh, config, False),
+            orthogonal,
+        )
+    f32 = lambda v: jnp.asarray(np.asarray(v, np.float32))
+    full = jnp.asarray(is_full, bool)
+    scale = jnp.where(full, f32(full_scales), f32(block_scales))
+    if adaptive_coefs is not None:
+        scale = scale * jnp.abs(jnp.stack(adaptive_coefs).astype(jnp.float32))
+    size = f32([int(np.prod(o.shape)) for o in orthogonal])
+    fro = jnp.sqrt(jnp.stack([_abs2_sum(o) for o in orthogonal]))
+    leaves = LeafDiagnostics(
+        block_factor=jnp.where(full, 1.0, f32(block_factors)),
+        update_rms=scale * fro / jnp.sqrt(size),
+        update_spectral=scale * sigmas.whole_max,
+        block_spectral=scale * sigmas.piece_max,
+        ns_sigma_max=sigmas.piece_max,
+        ns_sigma_min=sigmas.piece_min,
+        momentum_norm=jnp.sqrt(jnp.stack([_abs2_sum(m) for m in momentum])),
+    )
+    per_leaf = None
+    if config.per_leaf:
+        per_leaf = jax.tree.unflatten(
+            treedef,
+            [LeafDiagnostics(*(v[i] for v in leaves)) for i in range(len(orthogonal))],
+        )
+    over = lambda fn: LeafDiagnostics(*(fn(v) for v in leaves))
+    return MuonBPDiagnostics(
+        full_step=full.astype(jnp.float32),
+        mean=over(jnp.mean),
+        max=over(jnp.max),
+        min=over(jnp.min),
+        per_leaf=per_leaf,
+    )
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _named(tree: Any, cls: type) -> list[tuple[tuple[str, ...], Any]]:
+    found = []
+
+    def visit(path, node):
+        if isinstance(node, cls):
+            found.append((path, node))
+            return None
+        return node
+
+    jax.tree_util.tree_map_with_path(visit, tree, is_leaf=lambda x: isinstance(x, cls))
+    return found
+
+
+def read_diagnostics(opt_state: Any, *, per_leaf: bool = True) -> dict[str, jax.Array]:
+    """The diagnostics in `opt_state` as a flat dict of scalars, ready for a logger.
+
+    Keys: `full_step`; `learning_rate` (the rate that `scale_by_step_learning_rate` applied,
+    when it records it: `muonbp(..., diagnostics=...)` does); `<field>_mean`, `<field>_max`,
+    `<field>_min` for every `LeafDiagnostics` field; `learning_rate_mean`/`_max`/`_min`, the
+    rate times each leaf's block factor ρ (what each leaf moved by); and, when recorded and
+    `per_leaf`, `<leaf path>/<field>`. Raises ValueError when `opt_state` holds no diagnostics
+    or several.
+    """
+    found = _named(opt_state, MuonBPDiagnostics)
+    if len(found) != 1:
+        raise ValueError(
+            f"opt_state holds {len(found)} MuonBPDiagnostics; build the optimizer with "
+            "diagnostics=True (one scale_by_muonbp per optimizer state)."
+        )
+    diag = found[0][1]
+    out: dict[str, jax.Array] = {"full_step": diag.full_step}
+    rate = _recorded_rate(opt_state)
+    if rate is not None:
+        out["learning_rate"] = rate
+        for stat in ("mean", "max", "min"):
+            out[f"learning_rate_{stat}"] = rate * getattr(diag, stat).block_factor
+    for stat in ("mean", "max", "min"):
+        for name, value in getattr(diag, stat)._asdict().items():
+            out[f"{name}_{stat}"] = value
+    if per_leaf and diag.per_leaf is not None:
+        for path, leaf in _named(diag.per_leaf, LeafDiagnostics):
+            names = path_str(path_names(path))
+            for name, value in leaf._asdict().items():
+                out[f"{names}/{name}"] = value
+    return out
+
+
+def _recorded_rate(opt_state: Any) -> jax.Array | None:
+    from muonbp_jax._muonbp import ScaleByStepLearningRateState
+
+    rates = [
+        s.learning_rate
+        for _, s in _named(opt_state, ScaleByStepLearningRateState)
+        if getattr(s, "learning_rate", None) is not None
+    ]
+    return rates[0] if len(rates) == 1 else None
