@@ -1,5 +1,10 @@
 """muonbp_jax: MuonBP (Muon with block-periodic orthogonalization) for JAX and optax."""
 
+from muonbp_jax._diagnostics import Diagnostics
+from muonbp_jax._diagnostics import LeafDiagnostics
+from muonbp_jax._diagnostics import MuonBPDiagnostics
+from muonbp_jax._diagnostics import read_diagnostics
+from muonbp_jax._dimension_numbers import dimension_numbers_from_logical
 from muonbp_jax._layout import BlockGrid
 from muonbp_jax._layout import DimensionNumbers
 from muonbp_jax._layout import Specs
@@ -27,18 +32,23 @@ __all__ = [
     "FULL_STRATEGIES",
     "NS_COEFFS_PRESETS",
     "BlockGrid",
+    "Diagnostics",
     "DimensionNumbers",
     "FullStrategy",
+    "LeafDiagnostics",
+    "MuonBPDiagnostics",
     "MuonBPState",
     "MuonDimensionNumbers",
     "ScaleByStepLearningRateState",
     "Specs",
     "block_lr_factor",
     "default_muon_labels",
+    "dimension_numbers_from_logical",
     "is_full_step",
     "muonbp",
     "orthogonalize",
     "partition_specs",
+    "read_diagnostics",
     "scale_by_muonbp",
     "scale_by_step_learning_rate",
     "shape_scale",

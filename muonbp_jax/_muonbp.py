@@ -26,7 +26,8 @@ import optax
 from jax.typing import DTypeLike
 from optax.contrib import MuonDimensionNumbers
 
-from muonbp_jax import _layout, _options, _placement, _steps
+from muonbp_jax import _diagnostics, _layout, _options, _placement, _steps
+from muonbp_jax._diagnostics import DiagnosticsOption
 from muonbp_jax._layout import BlockGrid, DimensionNumbers, Mesh, Specs
 from muonbp_jax._newton_schulz import (
     NS_METHODS,
@@ -49,6 +50,8 @@ class MuonBPState(NamedTuple):
 
     count: jax.Array  # int32 scalar: number of updates so far (t of the next update)
     mu: optax.Updates  # momentum, sharded like the parameters
+    # The last update's `MuonBPDiagnostics` with `diagnostics=` on; None (no leaves) when off.
+    diagnostics: Any = None
 
 
 def _check_period(period: Any) -> None:
@@ -224,6 +227,7 @@ def scale_by_muonbp(
     full_strategy: FullStrategy = "auto",
     ns_method: Method = "newton_schulz",
     block_lr_rule: BlockLrRule = DEFAULT_BLOCK_LR_RULE,
+    diagnostics: DiagnosticsOption = False,
 ) -> optax.GradientTransformation:
     """Momentum, block-periodic orthogonalization and shape scaling (no learning rate).
 
@@ -263,6 +267,11 @@ def scale_by_muonbp(
         at least twice as wide as tall (see `muonbp_jax.orthogonalize`).
       block_lr_rule: how block updates are scaled relative to full ones, per leaf, from the
         number and shape of its blocks (see `block_lr_factor`); `"none"` scales both alike.
+      diagnostics: record what each update did in the state's `diagnostics` field (a
+        `MuonBPDiagnostics`; read it with `optax.tree.get(state, "diagnostics")` or
+        `read_diagnostics`): `True`, `"per_leaf"` (also every leaf's values) or a
+        `Diagnostics`; off by default. See `muonbp_jax._diagnostics` for what is measured and
+        what it communicates.
 
     Returns:
       An `optax.GradientTransformation` with state `MuonBPState`.
@@ -273,6 +282,7 @@ def scale_by_muonbp(
     """
     _check_period(period)
     _check_block_lr_rule(block_lr_rule)
+    diag = _diagnostics.resolve(diagnostics)
     if full_strategy not in _steps.FULL_STRATEGIES:
         raise ValueError(
             f"full_strategy must be one of {_steps.FULL_STRATEGIES}, got {full_strategy!r}."
@@ -302,7 +312,11 @@ def scale_by_muonbp(
         the_mesh, layouts = plan(params)
         mu = optax.tree.zeros_like(params, dtype=mu_dtype)
         return MuonBPState(
-            count=jnp.zeros([], jnp.int32), mu=_placement.place_like(mu, the_mesh, layouts)
+            count=jnp.zeros([], jnp.int32),
+            mu=_placement.place_like(mu, the_mesh, layouts),
+            diagnostics=None
+            if diag is None
+            else _diagnostics.initial(diag, jax.tree.structure(mu), len(layouts)),
         )
 
     def update_fn(updates, state, params=None):
@@ -368,6 +382,30 @@ def scale_by_muonbp(
             orthogonal = jax.lax.cond(is_full, full, block, operands)
             scales = [jnp.where(is_full, f, b) for f, b in zip(full_scales, block_scales)]
         orthogonal = [o.astype(d) for o, d in zip(orthogonal, out_dtypes)]
+        diagnostics = None
+        if diag is not None:
+            shapes = [lay.block_shape(the_mesh) for lay in layouts]
+            diagnostics = _diagnostics.compute(
+                diag,
+                orthogonal,
+                mu_leaves,
+                is_full,
+                layouts,
+                the_mesh,
+                full_scales=full_scales,
+                block_scales=[shape_scale(*b, consistent_rms) for b in shapes],
+                block_factors=[
+                    block_lr_factor(lay.matrix_shape, b, block_lr_rule, consistent_rms)
+                    for lay, b in zip(layouts, shapes)
+                ],
+                adaptive_coefs=[
+                    _dual_pairing(m, o)
+                    for m, o in zip(direction(mu_leaves, grad_leaves), orthogonal)
+                ]
+                if adaptive
+                else None,
+                treedef=treedef,
+            )
 
         if adaptive:
             orthogonal = [
@@ -376,7 +414,7 @@ def scale_by_muonbp(
             ]
         new_updates = [(o * s).astype(o.dtype) for o, s in zip(orthogonal, scales)]
         return jax.tree.unflatten(treedef, new_updates), MuonBPState(
-            count=count_inc, mu=optax.tree.cast(mu, mu_dtype)
+            count=count_inc, mu=optax.tree.cast(mu, mu_dtype), diagnostics=diagnostics
         )
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -384,6 +422,7 @@ def scale_by_muonbp(
 
 class ScaleByStepLearningRateState(NamedTuple):
     count: jax.Array  # int32 scalar
+    learning_rate: Any = None  # with diagnostics=True: the float32 rate of the last update
 
 
 def scale_by_step_learning_rate(
@@ -391,9 +430,11 @@ def scale_by_step_learning_rate(
     block_learning_rate: optax.ScalarOrSchedule | None = None,
     *,
     period: Period = DEFAULT_PERIOD,
+    diagnostics: bool = False,
 ) -> optax.GradientTransformation:
     """Multiplies updates by −learning_rate on full steps and −block_learning_rate on block
-    steps (schedules are evaluated at the update's 0-based index)."""
+    steps (schedules are evaluated at the update's 0-based index). With `diagnostics=True` the
+    state's `learning_rate` field records the rate applied by the last update."""
     _check_period(period)
     if block_learning_rate is None:
         block_learning_rate = learning_rate
@@ -403,7 +444,8 @@ def scale_by_step_learning_rate(
 
     def init_fn(params):
         del params
-        return ScaleByStepLearningRateState(count=jnp.zeros([], jnp.int32))
+        rate = jnp.zeros([], jnp.float32) if diagnostics else None
+        return ScaleByStepLearningRateState(count=jnp.zeros([], jnp.int32), learning_rate=rate)
 
     def update_fn(updates, state, params=None):
         del params
@@ -412,7 +454,10 @@ def scale_by_step_learning_rate(
             full, value(learning_rate, state.count), value(block_learning_rate, state.count)
         )
         updates = jax.tree.map(lambda u: (-rate * u).astype(u.dtype), updates)
-        return updates, ScaleByStepLearningRateState(count=optax.safe_increment(state.count))
+        return updates, ScaleByStepLearningRateState(
+            count=optax.safe_increment(state.count),
+            learning_rate=jnp.asarray(rate, jnp.float32) if diagnostics else None,
+        )
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -463,6 +508,7 @@ def muonbp(
     full_strategy: FullStrategy = "auto",
     ns_method: Method = "newton_schulz",
     block_lr_rule: BlockLrRule = DEFAULT_BLOCK_LR_RULE,
+    diagnostics: DiagnosticsOption = False,
 ) -> optax.GradientTransformationExtraArgs:
     """MuonBP: Muon with block-periodic orthogonalization, AdamW for the other parameters.
 
@@ -485,6 +531,9 @@ def muonbp(
         norm of block and full updates; 1 for a leaf with one block. See `block_lr_factor`.
       muon_weight_dimension_numbers: as in optax: a tree (or prefix tree, or callable) of
         `MuonDimensionNumbers`, None marking AdamW leaves; overrides the default routing.
+      diagnostics: `True`, `"per_leaf"` or a `Diagnostics`: the Muon state records what each
+        update did (`optax.tree.get(state, "diagnostics")`) and the step-size state the rate
+        it applied; `read_diagnostics(state)` returns both as a dict of scalars.
       specs, mesh, block_grid, full_strategy, ns_method, ns_dtype, ns_coeffs, ...: see
         `scale_by_muonbp`. Other arguments as in `optax.contrib.muon`.
 
@@ -534,9 +583,15 @@ def muonbp(
             full_strategy=full_strategy,
             ns_method=ns_method,
             block_lr_rule=block_lr_rule,
+            diagnostics=diagnostics,
         ),
         optax.add_decayed_weights(weight_decay, weight_decay_mask),
-        scale_by_step_learning_rate(learning_rate, block_learning_rate, period=period),
+        scale_by_step_learning_rate(
+            learning_rate,
+            block_learning_rate,
+            period=period,
+            diagnostics=_diagnostics.resolve(diagnostics) is not None,
+        ),
     )
     adam_branch = optax.adamw(
         learning_rate=adam_learning_rate,
