@@ -1,0 +1,47 @@
+"""Meshes, placement, random trees and state lookups shared by the test files.
+
+Only setup lives here; every expected value comes from tests/_reference.py (float64 NumPy) or
+from optax, never from muonbp_jax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import muonbp_jax
+
+AXES = ("data", "model")
+MESH_SHAPE = (2, 4)  # data=2, model=4 on the 8 fake devices of tests/conftest.py
+
+
+def make_mesh(mode: AxisType = AxisType.Auto, shape=MESH_SHAPE) -> jax.sharding.Mesh:
+    """A ('data', 'model') mesh with both axes of one type."""
+    return jax.make_mesh(shape, AXES, axis_types=(mode,) * len(shape))
+
+
+def put(tree: Mapping, mesh, specs: Mapping, dtype=None) -> dict:
+    """Each entry of a flat dict placed on `mesh` as `specs[key]` says (optionally cast)."""
+    cast = (lambda v: v) if dtype is None else (lambda v: np.asarray(v).astype(dtype))
+    return {k: jax.device_put(cast(v), NamedSharding(mesh, specs[k])) for k, v in tree.items()}
+
+
+def normal_tree(seed: int, shapes: Mapping, dtype=np.float32) -> dict[str, np.ndarray]:
+    """A flat dict of standard normal arrays of the given shapes, drawn in key order."""
+    rng = np.random.default_rng(seed)
+    return {k: rng.standard_normal(s).astype(dtype) for k, s in shapes.items()}
+
+
+def muon_state(state) -> muonbp_jax.MuonBPState:
+    """The one MuonBPState inside an optimizer state (e.g. muonbp's optax.partition state)."""
+    is_state = lambda s: isinstance(s, muonbp_jax.MuonBPState)
+    (found,) = [s for s in jax.tree.leaves(state, is_leaf=is_state) if is_state(s)]
+    return found
+
+
+def is_spec(x) -> bool:
+    return isinstance(x, P)
