@@ -353,7 +353,8 @@ def compute(
             lambda xs: _sigmas(xs, layouts, mesh, config, False),
             orthogonal,
         )
-    f32 = lambda v: jnp.asarray(np.asarray(v, np.float32))
+    # Scales may be traced (optax.inject_hyperparams makes consistent_rms an array).
+    f32 = lambda v: jnp.stack([jnp.asarray(x, jnp.float32) for x in v])
     full = jnp.asarray(is_full, bool)
     scale = jnp.where(full, f32(full_scales), f32(block_scales))
     if adaptive_coefs is not None:
@@ -388,16 +389,36 @@ def compute(
 # ----------------------------------------------------------------------------- reading
 
 
+def _unwrap(node: Any, cls: type) -> Any:
+    """`node` if it is a `cls`; the value of a wrapper holding one (nnx.Optimizer wraps the
+    state entries that mirror a parameter, here a leaf's LeafDiagnostics, in a variable)."""
+    if isinstance(node, cls):
+        return node
+    if not isinstance(node, tuple) and hasattr(node, "get_value"):
+        value = node.get_value()
+        if isinstance(value, cls):
+            return value
+        # flax 0.12 holds the entries as a plain tuple at init, as a mapping after an update.
+        if cls is LeafDiagnostics and isinstance(value, tuple) and len(value) == len(cls._fields):
+            return cls(*value)
+        keys = getattr(value, "keys", None)
+        if cls is LeafDiagnostics and keys is not None and set(keys()) == set(cls._fields):
+            return cls(**{k: value[k] for k in cls._fields})
+    return None
+
+
 def _named(tree: Any, cls: type) -> list[tuple[tuple[str, ...], Any]]:
     found = []
 
     def visit(path, node):
-        if isinstance(node, cls):
-            found.append((path, node))
-            return None
-        return node
+        unwrapped = _unwrap(node, cls)
+        if unwrapped is not None:
+            found.append((path, unwrapped))
+        return None
 
-    jax.tree_util.tree_map_with_path(visit, tree, is_leaf=lambda x: isinstance(x, cls))
+    jax.tree_util.tree_map_with_path(
+        visit, tree, is_leaf=lambda x: _unwrap(x, cls) is not None
+    )
     return found
 
 

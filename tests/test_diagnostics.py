@@ -135,3 +135,168 @@ def test_whole_and_block_singular_values_match_numpy(sharded):
             assert block[name]["whole_max"] == pytest.approx(whole[:, 0].max(), rel=1e-4)
         else:
             assert np.isnan(block[name]["whole_max"]), name
+
+
+# ----------------------------------------------------------------------------- through muonbp
+
+import optax  # noqa: E402
+
+import muonbp_jax  # noqa: E402
+
+LR, BLOCK_LR = 0.5, 0.25
+
+
+def _tx(mesh, diagnostics, period=2, **kw):
+    return muonbp_jax.muonbp(
+        LR,
+        block_learning_rate=BLOCK_LR,
+        beta=0.0,
+        nesterov=False,
+        period=period,
+        ns_dtype="float32",
+        muon_weight_dimension_numbers=DIMS,
+        specs=SPECS,
+        mesh=mesh,
+        diagnostics=diagnostics,
+        **kw,
+    )
+
+
+def test_recorded_values_are_those_of_the_update():
+    """A full then a block step on every layout: each recorded value recomputed in float64
+    from the update the optimizer returned (whole matrices, hand-split device blocks)."""
+    mesh = _mesh()
+    config = muonbp_jax.Diagnostics(per_leaf=True, iterations=EXACT, whole_norm_on_block_steps=True)
+    tx = _tx(mesh, config)
+    x = _leaves(4)
+    params = {n: jax.device_put(v, NamedSharding(mesh, SPECS[n])) for n, v in x.items()}
+    state = jax.jit(tx.init)(params)
+    step = jax.jit(tx.update)
+    for kind in ("full", "block"):
+        updates, state = step(params, state, params)
+        got = muonbp_jax.read_diagnostics(state)
+        assert float(got["full_step"]) == (kind == "full")
+        assert float(got["learning_rate"]) == (LR if kind == "full" else BLOCK_LR)
+        expected = {}
+        for name, (shape, _, parts) in LAYOUTS.items():
+            parts = (1, 1) if kind == "full" else parts
+            rho = ref.block_factor(shape[-2:], *parts)
+            u = -np.asarray(updates[name], np.float64) / (float(got["learning_rate"]) * rho)
+            tile_shape = (shape[-2] // parts[0], shape[-1] // parts[1])
+            o = u / ref.rms_scale(*tile_shape)
+            tiles = np.stack([_svals(t) for t in _tiles(o, parts)])
+            expected[name] = {
+                "block_factor": rho,
+                "update_rms": np.sqrt(np.mean(u**2)),
+                "update_spectral": max(_svals(m)[0] for m in _matrices(u)),
+                "block_spectral": tiles[:, 0].max() * ref.rms_scale(*tile_shape),
+                "ns_sigma_max": tiles[:, 0].max(),
+                "ns_sigma_min": tiles[:, -1].min(),
+                "momentum_norm": np.linalg.norm(x[name]),
+            }
+            for field, value in expected[name].items():
+                rel = 3e-3 if field == "ns_sigma_min" else 1e-4
+                assert float(got[f"{name}/{field}"]) == pytest.approx(value, rel=rel), (
+                    kind, name, field)
+        for field in muonbp_jax.LeafDiagnostics._fields:
+            values = [expected[n][field] for n in LAYOUTS]
+            rel = 3e-3 if field == "ns_sigma_min" else 1e-4
+            for stat, fn in (("mean", np.mean), ("max", np.max), ("min", np.min)):
+                assert float(got[f"{field}_{stat}"]) == pytest.approx(fn(values), rel=rel)
+        assert float(got["learning_rate_min"]) == pytest.approx(
+            float(got["learning_rate"]) * min(expected[n]["block_factor"] for n in LAYOUTS)
+        )
+        if kind == "block":  # blocks of a random matrix: the whole update is larger
+            assert float(got["update_spectral_max"]) > 1.3 * float(got["block_spectral_max"])
+
+
+def _collectives(text: str) -> list[str]:
+    import re
+
+    return re.findall(
+        r"= (\S+) (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)\(", text
+    )
+
+
+def test_block_steps_keep_to_scalar_all_reduces():
+    """BlockMuon with diagnostics: only all-reduces of a few floats per leaf (the block
+    maxima, the Frobenius norms); asking for the whole norm on block steps adds vector ones."""
+    mesh = _mesh()
+    params = {n: jax.device_put(v, NamedSharding(mesh, SPECS[n])) for n, v in _leaves(0).items()}
+
+    def compiled(diagnostics):
+        tx = _tx(mesh, diagnostics, period=None)
+        state = jax.jit(tx.init)(params)
+        return jax.jit(tx.update).lower(params, state, params).compile().as_text()
+
+    found = _collectives(compiled(True))
+    assert found and {op for _, op in found} == {"all-reduce"}, found
+    small = lambda shape: int(np.prod([int(d) for d in shape.split("[")[1].split("]")[0].split(",") if d] or [1]))
+    assert all(small(shape) <= 3 * len(LAYOUTS) for shape, _ in found), found
+    vectors = _collectives(compiled(muonbp_jax.Diagnostics(whole_norm_on_block_steps=True)))
+    assert len(vectors) > len(found)
+
+
+def test_off_by_default_and_bad_options():
+    mesh = _mesh()
+    params = {n: jax.device_put(v, NamedSharding(mesh, SPECS[n])) for n, v in _leaves(0).items()}
+    off = jax.eval_shape(_tx(mesh, False).init, params)
+    assert optax.tree.get(off, "diagnostics") is None
+    assert all(s.learning_rate is None for s in _states(off, muonbp_jax.ScaleByStepLearningRateState))
+    on = jax.eval_shape(_tx(mesh, True).init, params)
+    assert isinstance(optax.tree.get(on, "diagnostics"), muonbp_jax.MuonBPDiagnostics)
+    # Only the diagnostics are added: the rest of the state is leaf for leaf the same.
+    assert len(jax.tree.leaves(on)) == len(jax.tree.leaves(off)) + 22 + 1
+    for bad in ("yes", muonbp_jax.Diagnostics(iterations=0)):
+        with pytest.raises(ValueError, match="iterations|diagnostics must be"):
+            _tx(mesh, bad)
+
+
+def _states(tree, cls):
+    return [s for s in jax.tree.leaves(tree, is_leaf=lambda s: isinstance(s, cls)) if isinstance(s, cls)]
+
+
+def test_inject_hyperparams_multisteps_nnx_and_orbax(tmp_path):
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    rng = np.random.default_rng(5)
+    params = {"w": jnp.asarray(rng.standard_normal((8, 16)), jnp.float32)}
+    grads = {"w": jnp.asarray(rng.standard_normal((8, 16)), jnp.float32)}
+
+    tx = optax.inject_hyperparams(muonbp_jax.muonbp)(learning_rate=0.1, diagnostics=True, period=2)
+    state = tx.init(params)
+    _, state = jax.jit(tx.update)(grads, state, params)
+    got = muonbp_jax.read_diagnostics(state)
+    assert float(got["learning_rate"]) == pytest.approx(0.1) and float(got["full_step"]) == 1
+
+    multi = optax.MultiSteps(muonbp_jax.muonbp(0.1, diagnostics=True, period=2), every_k_schedule=2)
+    mstate = multi.init(params)
+    step = jax.jit(multi.update)
+    kinds = []
+    for _ in range(4):
+        _, mstate = step(grads, mstate, params)
+        kinds.append(float(muonbp_jax.read_diagnostics(mstate)["full_step"]))
+    assert kinds == [0.0, 1.0, 1.0, 0.0]  # zeros before the first applied update; full, block
+
+    ckpt = ocp.StandardCheckpointer()
+    path = (tmp_path / "ckpt").resolve()
+    ckpt.save(path, mstate)
+    ckpt.wait_until_finished()
+    restored = ckpt.restore(path, jax.tree.map(ocp.utils.to_shape_dtype_struct, mstate))
+    assert jax.tree.structure(restored) == jax.tree.structure(mstate)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(mstate)):
+        np.testing.assert_array_equal(a, b)
+
+    model = nnx.Linear(8, 16, use_bias=False, rngs=nnx.Rngs(0))
+    opt = nnx.Optimizer(model, muonbp_jax.muonbp(0.1, diagnostics="per_leaf"), wrt=nnx.Param)
+
+    @nnx.jit
+    def train(model, opt, x):
+        grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
+        opt.update(model, grads)
+
+    train(model, opt, jnp.ones((4, 8)))
+    got = muonbp_jax.read_diagnostics(opt.opt_state)  # NamedTuples of nnx.OptState variables
+    assert float(got["full_step"]) == 1 and float(got["update_spectral_max"]) > 0
+    assert any(k.endswith("/update_rms") for k in got), list(got)
