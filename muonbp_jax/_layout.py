@@ -41,7 +41,8 @@ DimensionNumbers = PerLeaf[MuonDimensionNumbers]
 _SPECS_HELP = (
     "Pass specs= (a tree of PartitionSpec matched to the parameters by key path, or a callable "
     "params -> such a tree). Get it from your model with nnx.get_partition_spec(nnx.state(model))"
-    " (flax nnx), nn.get_partition_spec(variables) (flax linen) or "
+    " (flax nnx), nn.logical_to_mesh(nn.get_partition_spec(variables)['params'], rules) (flax "
+    "linen with logical axis names) or "
     "muonbp_jax.partition_specs(params) (concrete jax.Arrays); or build the mesh with "
     "jax.make_mesh(..., axis_types=(AxisType.Explicit, ...)) so shardings are part of the types."
 )
@@ -58,7 +59,8 @@ def is_spec_or_sharding(x: Any) -> bool:
 
 SPECS_EXPECTED = (
     "a PartitionSpec or a NamedSharding per leaf (or None for a subtree: unsharded), e.g. "
-    "nnx.get_partition_spec(nnx.state(model)), nn.get_partition_spec(variables), "
+    "nnx.get_partition_spec(nnx.state(model)), "
+    "nn.logical_to_mesh(nn.get_partition_spec(variables)['params'], rules) (linen), "
     "muonbp_jax.partition_specs(params) or jax.tree.map(lambda x: x.sharding, params)"
 )
 

@@ -162,7 +162,8 @@ def test_period_one_is_optax_muon_on_complex_parameters(case):
 def test_real_mu_dtype_with_complex_parameters_is_refused():
     params = {"w": jnp.ones((8, 16), jnp.complex64), "b": jnp.ones((16,), jnp.complex64)}
     tx = muonbp_jax.muonbp(1e-2, mu_dtype=jnp.bfloat16)
-    with pytest.raises(TypeError, match=r"mu_dtype=bfloat16 .* complex parameter 'b'.*mu_dtype=None"):
+    message = r"mu_dtype=bfloat16 .* complex parameter 'b'.*mu_dtype=None"
+    with pytest.raises(TypeError, match=message):
         tx.init(params)
     with pytest.raises(TypeError, match=r"complex parameter 'w'"):
         muonbp_jax.scale_by_muonbp(mu_dtype="bfloat16").init({"w": params["w"]})
@@ -188,13 +189,10 @@ def _sharded_updates(strategy: str, adaptive: bool, period, steps: int) -> tuple
     mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
     specs = {n: lay[1] for n, lay in LAYOUTS.items()}
     rng = np.random.default_rng(4)
-    grads = [
-        {
-            n: rng.standard_normal(lay[0]).astype(np.float32) if n == "real" else _complex(rng, lay[0])
-            for n, lay in LAYOUTS.items()
-        }
-        for _ in range(steps)
-    ]
+    draw = lambda n, shape: (
+        rng.standard_normal(shape).astype(np.float32) if n == "real" else _complex(rng, shape)
+    )
+    grads = [{n: draw(n, lay[0]) for n, lay in LAYOUTS.items()} for _ in range(steps)]
     # beta=0 without Nesterov: each update orthogonalizes that step's gradient. Default
     # ns_dtype (bfloat16): complex leaves iterate in complex64, the real one in bfloat16.
     tx = muonbp_jax.muonbp(
@@ -218,7 +216,7 @@ def _expected(g: np.ndarray, parts: tuple[int, int], adaptive: bool) -> np.ndarr
     (cut by slicing) put back in place, times Re⟨g, O⟩ over the whole leaf if adaptive, times
     the tile's shape scale and the block factor."""
     mats = g.reshape(-1, *g.shape[-2:])
-    o = np.stack([np.block([[_polar(t) for t in row] for row in ref.split(m, *parts)]) for m in mats])
+    o = np.stack([np.block([[_polar(t) for t in r] for r in ref.split(m, *parts)]) for m in mats])
     o = o.reshape(g.shape)
     if adaptive:
         o = np.real(np.sum(np.conj(g.astype(np.complex128)) * o)) * o

@@ -109,7 +109,7 @@ def _device_slices(shape, spec, coords):
 
 def _orthogonalize_block(block, dims, matrix_shape, grid):
     """−(block update) of one device's block: its matrices (batch axes first, reduction axes
-    make the rows, output axes the columns), NS in float64, scaled by the block's shape and
+    make the rows, output axes the columns), Jordan NS in float64, scaled by the block's shape and
     the leaf's block factor (`grid`: how many parts the rows and the columns are cut into)."""
     red = (dims.reduction_axis,) if isinstance(dims.reduction_axis, int) else dims.reduction_axis
     outp = (dims.output_axis,) if isinstance(dims.output_axis, int) else dims.output_axis
@@ -119,7 +119,7 @@ def _orthogonalize_block(block, dims, matrix_shape, grid):
     cols = int(np.prod([block.shape[a] for a in outp]))
     mats = block.transpose(order).reshape(-1, rows, cols)
     factor = ref.block_factor(matrix_shape, *grid)
-    done = np.stack([-ref.full_update(m) * factor for m in mats])
+    done = np.stack([-ref.full_update(m, coeffs=ref.JORDAN, steps=5) * factor for m in mats])
     return done.reshape([block.shape[a] for a in order]).transpose(np.argsort(order))
 
 
