@@ -18,6 +18,10 @@ Llama 3 1B/8B/70B shapes at TP 8 on an H100 (NVLink) and a TPU v5p (ICI) and wri
 real tensor-parallel mesh, or one GPU with `block_grid` emulating TP 8) and prints predicted
 against measured times.
 
+The layouts, the exchange groups of full steps and the Newton–Schulz FLOP count are muonbp_jax's
+own (`_layout.plan` and `_exchange.groups` on abstract shapes, `newton_schulz_flops`), so the
+model follows the library; only memory traffic, link bandwidth and time are modelled here.
+
 Run ``python benchmarks/cost_model.py --help``.
 """
 
@@ -27,13 +31,16 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
 FULL_STRATEGIES = ("gather", "all_to_all", "auto")
+MESH_AXES = ("dp", "fsdp", "tp")
 TABULATED = ("gather", "all_to_all")  # "auto" equals "all_to_all" when every layer has a twin
 NS_STEPS = 5
 TOLERANCE = 0.05  # "within 5% of AdamW"
@@ -135,26 +142,50 @@ class MeshShape:
 
     def tile(self, m: Matrix) -> tuple[int, int]:
         """The device-local tile of m: P('fsdp', 'tp') for column-parallel, P('tp', 'fsdp') for
-        row-parallel matrices."""
-        split = (self.fsdp, self.tp) if m.parallel == "column" else (self.tp, self.fsdp)
-        if m.rows % split[0] or m.cols % split[1]:
-            raise ValueError(
-                f"{m.name} ({m.rows}x{m.cols}) does not split into a {split[0]}x{split[1]} grid."
-            )
-        return m.rows // split[0], m.cols // split[1]
+        row-parallel matrices (muonbp_jax's layout of that spec)."""
+        mesh, (layout,), _ = plan([m], self)
+        return layout.block_shape(mesh)
+
+
+def _library():
+    """muonbp_jax's planner, imported on first use: `validate` sets up fake devices before jax
+    is imported."""
+    import jax
+    from optax.contrib import MuonDimensionNumbers
+
+    from muonbp_jax import _exchange, _layout, _newton_schulz, _steps
+
+    return jax, MuonDimensionNumbers, _exchange, _layout, _newton_schulz, _steps
+
+
+def plan(matrices: Sequence[Matrix], mesh: MeshShape, tp_blocks: int = 1):
+    """muonbp_jax's layouts of `matrices` on `mesh`, from abstract shapes: one float32 leaf
+    (count, rows, cols) per kind, its batch axis unsharded, split Megatron-style (mesh axes of
+    size 1 left out of the specs). `tp_blocks` > 1 adds the `block_grid` that emulates that
+    tensor-parallel degree on one device. Returns (abstract mesh, layouts, leaves)."""
+    jax, dims, _, layout, _, _ = _library()
+    P = jax.sharding.PartitionSpec
+    amesh = jax.sharding.AbstractMesh((mesh.dp, mesh.fsdp, mesh.tp), MESH_AXES)
+    fsdp, tp = ("fsdp" if mesh.fsdp > 1 else None), ("tp" if mesh.tp > 1 else None)
+    leaves = {m.name: jax.ShapeDtypeStruct((m.count, m.rows, m.cols), "float32") for m in matrices}
+    specs, grids = {}, {}
+    for m in matrices:
+        column = m.parallel == "column"
+        specs[m.name] = P(None, fsdp, tp) if column else P(None, tp, fsdp)
+        grids[m.name] = (1, tp_blocks) if column else (tp_blocks, 1)
+    the_mesh, layouts = layout.plan(
+        leaves, specs=specs, mesh=amesh, dimension_numbers=dims(1, 2), block_grid=grids
+    )
+    return the_mesh, layouts, jax.tree.leaves(leaves)
 
 
 # ----------------------------------------------------------------------------- counting
 
 
-def ns_flops(rows: int, cols: int, steps: int = NS_STEPS) -> int:
-    """FLOPs of `steps` quintic Newton–Schulz iterations on one rows×cols matrix.
-
-    With a ≤ b the short and long sides, one iteration X ← aX + (bA + cA²)X, A = XXᵀ, costs
-    2a²b (A) + 2a³ (A²) + 2a²b (times X) multiply-adds counted as two FLOPs each.
-    """
-    a, b = sorted((rows, cols))
-    return steps * (4 * a * a * b + 2 * a**3)
+def ns_flops(rows: int, cols: int, steps: int = NS_STEPS, method: str = "newton_schulz") -> int:
+    """Matmul FLOPs of `steps` Newton–Schulz iterations on one rows×cols matrix: muonbp_jax's
+    `newton_schulz_flops` (5·(4a²b + 2a³) for a ≤ b and five plain steps)."""
+    return _library()[4].newton_schulz_flops(rows, cols, steps, method)
 
 
 def ns_hbm_bytes(rows: int, cols: int, steps: int = NS_STEPS, itemsize: int = 2) -> int:
@@ -225,47 +256,46 @@ def local_params(model: Model, mesh: MeshShape) -> tuple[int, int]:
     return matrix, other
 
 
-def block_step(model: Model, mesh: MeshShape, s: Settings = Settings()) -> StepCost:
+def block_step(
+    model: Model, mesh: MeshShape, s: Settings = Settings(), tp_blocks: int = 1
+) -> StepCost:
+    """Every device orthogonalizes its own tiles (the layouts' block shape, times the batch of
+    matrices it holds and the block_grid tiles); nothing is sent."""
     cost = StepCost("block", [])
-    tiles = [(*mesh.tile(m), m.count) for m in model.matrices()]
+    amesh, layouts, _ = plan(model.matrices(), mesh, tp_blocks)
+    tiles = []
+    for lay in layouts:
+        local = lay.local_shape(amesh)
+        count = math.prod(local[a] for a in lay.batch_axes) * lay.grid[0] * lay.grid[1]
+        tiles.append((*lay.block_shape(amesh), count))
     cost.add_groups(_grouped(tiles), s.ns_steps, s.ns_itemsize)
     return _with_elementwise(cost, model, mesh, s)
 
 
 def full_step(model: Model, mesh: MeshShape, strategy: str, s: Settings = Settings()) -> StepCost:
-    """A full step, grouped as muonbp_jax groups it: matrices of one shape cut the same way (k
-    and v; gate and up) are one exchange group; `auto` exchanges groups of two or more and
-    gathers lone matrices. With one shard per matrix every strategy orthogonalizes locally."""
+    """A full step, grouped by muonbp_jax's own `_exchange.groups` with the strategy's split
+    threshold: a gathered group all-gathers each cut matrix axis and orthogonalizes all its
+    matrices on every device; a split one is zero-padded to a multiple of the K devices that
+    share it, sent with one all-to-all there and one back per set of mesh axes, and each device
+    orthogonalizes ceil(count/K) whole matrices."""
     if strategy not in FULL_STRATEGIES:
         raise ValueError(f"strategy must be one of {FULL_STRATEGIES}, got {strategy!r}")
+    _, _, exchange, _, _, steps = _library()
+    amesh, layouts, leaves = plan(model.matrices(), mesh)
     cost = StepCost(f"full_{strategy}", [])
-    g = mesh.shards
-    if g == 1:
-        whole = _grouped((m.rows, m.cols, m.count) for m in model.matrices())
-        cost.add_groups(whole, s.ns_steps, s.ns_itemsize)
-        return _with_elementwise(cost, model, mesh, s)
-    groups: dict[tuple[int, int, str], int] = {}
-    for m in model.matrices():
-        key = (m.rows, m.cols, m.parallel)
-        groups[key] = groups.get(key, 0) + m.count
-    exchanged_kinds = set()
-    for (rows, cols, parallel), count in groups.items():
-        if strategy == "gather" or (strategy == "auto" and count < 2):
-            cost.add_groups([Group(*sorted((rows, cols)), count)], s.ns_steps, s.ns_itemsize)
-            cost.link_bytes += count * rows * cols * (g - 1) // g * s.comm_itemsize
-            cost.collectives += count * ((mesh.tp > 1) + (mesh.fsdp > 1))
+    exchanged = set()
+    for g in exchange.groups(leaves, layouts, amesh, steps._MIN_SPLIT[strategy]):
+        rows, cols = layouts[g.members[0]].matrix_shape
+        k = g.parts
+        if g.split:
+            cost.add_groups([Group(*sorted((rows, cols)), g.per_device)], s.ns_steps, s.ns_itemsize)
+            cost.link_bytes += 2 * g.per_device * (k - 1) * (rows * cols // k) * s.comm_itemsize
+            exchanged.add(g.axes)
         else:
-            # Zero-padded to a multiple of g (NS(0) = 0, but padding is sent and multiplied):
-            # each device sends `per` tiles to each of the g - 1 others, and gets them back.
-            per = math.ceil(count / g)
-            cost.add_groups([Group(*sorted((rows, cols)), per)], s.ns_steps, s.ns_itemsize)
-            cost.link_bytes += 2 * per * (g - 1) * (rows * cols // g) * s.comm_itemsize
-            exchanged_kinds.add(parallel)
-    # One all-to-all there and one back per set of mesh axes: column- and row-parallel tiles
-    # are cut by the same axes unless FSDP cuts the other dimension too.
-    cost.collectives += 2 * (
-        len(exchanged_kinds) if mesh.fsdp > 1 else min(1, len(exchanged_kinds))
-    )
+            cost.add_groups([Group(*sorted((rows, cols)), g.count)], s.ns_steps, s.ns_itemsize)
+            cost.link_bytes += g.count * rows * cols * (k - 1) // k * s.comm_itemsize
+            cost.collectives += sum(1 for cut in g.cuts if cut)
+    cost.collectives += 2 * len(exchanged)
     return _with_elementwise(cost, model, mesh, s)
 
 
@@ -582,13 +612,12 @@ def predict_main(args) -> None:
 
 
 def _setup_cpu_devices() -> None:
-    """8 fake CPU devices (before jax is imported); PJRT_NPROC against the XLA:CPU collective
-    deadlock described in tests/conftest.py."""
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
-    os.environ.setdefault("PJRT_NPROC", "16")
+    """8 fake CPU devices before jax is imported, by the examples' helper (which also sets
+    PJRT_NPROC against the XLA:CPU collective deadlock described in tests/conftest.py)."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    from lm import devices
+
+    devices.use_cpu_devices(8, force=True)
 
 
 def _median_time(fn, *args, repeats: int, warmup: int = 2) -> float:
@@ -687,12 +716,7 @@ def _single_device_cost(kind: str, model: Model, tp: int, s: Settings) -> StepCo
     if kind == "adamw":
         return adamw_step(model, one, s)
     if kind == "block":
-        tiles = block_step(model, MeshShape(tp, 1, 1), s).groups
-        out = StepCost("block", [])
-        out.add_groups(
-            (Group(g.short, g.long, g.count * tp) for g in tiles), s.ns_steps, s.ns_itemsize
-        )
-        return _with_elementwise(out, model, one, s)
+        return block_step(model, one, s, tp_blocks=tp)
     return full_step(model, one, "gather", s)
 
 
