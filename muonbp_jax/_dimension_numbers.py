@@ -30,7 +30,7 @@ Rule = Callable[[Names], MuonDimensionNumbers | None]
 _EXPECTED = (
     "a PartitionSpec of logical axis names per parameter (or a tuple of names), as "
     "nn.get_partition_spec(variables)['params'] gives for a linen model built with "
-    "nn.with_logical_partitioning (nnx: nnx.get_partition_spec(nnx.state(model, nnx.Param)))"
+    "nn.with_logical_partitioning"
 )
 
 
