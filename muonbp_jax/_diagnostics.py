@@ -90,8 +90,7 @@ def resolve(option: DiagnosticsOption) -> Diagnostics | None:
             )
         return option
     raise ValueError(
-        "diagnostics must be False, True, 'per_leaf' or a muonbp_jax.Diagnostics, got "
-        f"{option!r}."
+        f"diagnostics must be False, True, 'per_leaf' or a muonbp_jax.Diagnostics, got {option!r}."
     )
 
 
@@ -197,9 +196,7 @@ def _real(m: jax.Array) -> jax.Array:
     if not jnp.iscomplexobj(m):
         return m.astype(jnp.float32)
     re, im = jnp.real(m).astype(jnp.float32), jnp.imag(m).astype(jnp.float32)
-    return jnp.concatenate(
-        [jnp.concatenate([re, -im], -1), jnp.concatenate([im, re], -1)], -2
-    )
+    return jnp.concatenate([jnp.concatenate([re, -im], -1), jnp.concatenate([im, re], -1)], -2)
 
 
 def _abs2_sum(x: jax.Array) -> jax.Array:
@@ -310,9 +307,9 @@ def _sigmas(
 
     if on_mesh:
         specs = [P(*lay.spec) if lay.spec is not None else P() for lay in layouts]
-        packed = jax.shard_map(
-            local, mesh=mesh, in_specs=(specs,), out_specs=P(), check_vma=False
-        )(orthogonal)
+        packed = jax.shard_map(local, mesh=mesh, in_specs=(specs,), out_specs=P(), check_vma=False)(
+            orthogonal
+        )
     else:
         packed = local(orthogonal)
     whole_max = jnp.where(np.asarray(whole), packed[0], jnp.nan)
@@ -414,11 +411,8 @@ def _named(tree: Any, cls: type) -> list[tuple[tuple[str, ...], Any]]:
         unwrapped = _unwrap(node, cls)
         if unwrapped is not None:
             found.append((path, unwrapped))
-        return None
 
-    jax.tree_util.tree_map_with_path(
-        visit, tree, is_leaf=lambda x: _unwrap(x, cls) is not None
-    )
+    jax.tree_util.tree_map_with_path(visit, tree, is_leaf=lambda x: _unwrap(x, cls) is not None)
     return found
 
 

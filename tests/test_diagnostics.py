@@ -33,7 +33,9 @@ EXACT = 8  # Lanczos iterations that span the smaller side (8) of every matrix h
 
 def _svals(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x)
-    return np.linalg.svd(x.astype(np.complex128 if np.iscomplexobj(x) else np.float64), compute_uv=False)
+    return np.linalg.svd(
+        x.astype(np.complex128 if np.iscomplexobj(x) else np.float64), compute_uv=False
+    )
 
 
 def _matrices(x: np.ndarray) -> np.ndarray:
@@ -139,9 +141,9 @@ def test_whole_and_block_singular_values_match_numpy(sharded):
 
 # ----------------------------------------------------------------------------- through muonbp
 
-import optax  # noqa: E402
+import optax
 
-import muonbp_jax  # noqa: E402
+import muonbp_jax
 
 LR, BLOCK_LR = 0.5, 0.25
 
@@ -197,7 +199,10 @@ def test_recorded_values_are_those_of_the_update():
             for field, value in expected[name].items():
                 rel = 3e-3 if field == "ns_sigma_min" else 1e-4
                 assert float(got[f"{name}/{field}"]) == pytest.approx(value, rel=rel), (
-                    kind, name, field)
+                    kind,
+                    name,
+                    field,
+                )
         for field in muonbp_jax.LeafDiagnostics._fields:
             values = [expected[n][field] for n in LAYOUTS]
             rel = 3e-3 if field == "ns_sigma_min" else 1e-4
@@ -231,7 +236,9 @@ def test_block_steps_keep_to_scalar_all_reduces():
 
     found = _collectives(compiled(True))
     assert found and {op for _, op in found} == {"all-reduce"}, found
-    small = lambda shape: int(np.prod([int(d) for d in shape.split("[")[1].split("]")[0].split(",") if d] or [1]))
+    small = lambda shape: int(
+        np.prod([int(d) for d in shape.split("[")[1].split("]")[0].split(",") if d] or [1])
+    )
     assert all(small(shape) <= 3 * len(LAYOUTS) for shape, _ in found), found
     vectors = _collectives(compiled(muonbp_jax.Diagnostics(whole_norm_on_block_steps=True)))
     assert len(vectors) > len(found)
@@ -242,7 +249,9 @@ def test_off_by_default_and_bad_options():
     params = {n: jax.device_put(v, NamedSharding(mesh, SPECS[n])) for n, v in _leaves(0).items()}
     off = jax.eval_shape(_tx(mesh, False).init, params)
     assert optax.tree.get(off, "diagnostics") is None
-    assert all(s.learning_rate is None for s in _states(off, muonbp_jax.ScaleByStepLearningRateState))
+    assert all(
+        s.learning_rate is None for s in _states(off, muonbp_jax.ScaleByStepLearningRateState)
+    )
     on = jax.eval_shape(_tx(mesh, True).init, params)
     assert isinstance(optax.tree.get(on, "diagnostics"), muonbp_jax.MuonBPDiagnostics)
     # Only the diagnostics are added: the rest of the state is leaf for leaf the same.
@@ -253,7 +262,9 @@ def test_off_by_default_and_bad_options():
 
 
 def _states(tree, cls):
-    return [s for s in jax.tree.leaves(tree, is_leaf=lambda s: isinstance(s, cls)) if isinstance(s, cls)]
+    return [
+        s for s in jax.tree.leaves(tree, is_leaf=lambda s: isinstance(s, cls)) if isinstance(s, cls)
+    ]
 
 
 def test_inject_hyperparams_multisteps_nnx_and_orbax(tmp_path):
