@@ -19,3 +19,13 @@ _devices.use_cpu_devices(8, force=True)
 import jax
 
 assert jax.device_count() == 8, "tests expect 8 fake CPU devices; import jax only after conftest"
+
+import pytest
+
+from tests import _fixtures
+
+
+@pytest.fixture(scope="session")
+def mesh():
+    """The 2×4 ('data', 'model') mesh with Auto axes (tests/_fixtures.py: make_mesh)."""
+    return _fixtures.make_mesh()

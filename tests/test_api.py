@@ -1,5 +1,5 @@
 """The optimizer as users compose it: the step schedule, learning rates, inject_hyperparams,
-chains, recompilation and the errors bad input gets.
+chains and the errors bad input gets.
 
 Block steps are made different from full steps without a mesh by `block_grid=(1, 4)`: a 16×32
 matrix is then orthogonalized as four 16×8 tiles, like 4-way column sharding.
@@ -12,10 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import AxisType, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import muonbp_jax
+from tests import _fixtures as fx
 from tests import _reference as ref
 
 GRID = (1, 4)
@@ -124,12 +125,8 @@ def test_inject_hyperparams_explains_a_dtype_taken_for_a_schedule():
 # ----------------------------------------------------------------------------- chains
 
 
-def _auto_mesh():
-    return jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
-
-
 def test_chain_with_clip_by_global_norm_on_a_sharded_auto_mesh():
-    mesh = _auto_mesh()
+    mesh = fx.make_mesh()
     spec = {"w": P(None, "model")}
     params = {"w": jax.device_put(jnp.zeros((16, 32)), NamedSharding(mesh, spec["w"]))}
     assert muonbp_jax.partition_specs(params) == spec
@@ -177,57 +174,9 @@ def test_apply_if_finite_skips_a_step_without_advancing_the_schedule():
     _assert_close(updates["w"], -_expected(g2, full=False), "after the skipped step")
 
 
-# ----------------------------------------------------------------------------- recompilation
-
-
-@pytest.mark.parametrize("mode", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
-def test_train_step_compiles_once_over_two_periods(mode):
-    period = 3
-    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(mode,) * 2)
-    # Specs in the form jit gives back, or the second step misses the cache even with
-    # optax.sgd: Explicit types carry one entry per axis, while Auto mode drops trailing Nones
-    # from outputs not sharded like the first argument.
-    b_spec = P("model", None) if mode == AxisType.Explicit else P("model")
-    specs = {"a": P("data", "model"), "b": b_spec, "bias": P("model")}
-    extra = {"specs": specs, "mesh": mesh} if mode == AxisType.Auto else {}
-    tx = muonbp_jax.muonbp(0.1, period=period, **extra)
-    shapes = {"a": (16, 32), "b": (32, 16), "bias": (16,)}
-    params = {
-        k: jax.device_put(_grad(i, s), NamedSharding(mesh, specs[k]))
-        for i, (k, s) in enumerate(shapes.items())
-    }
-
-    @jax.jit
-    def train_step(params, state):
-        grads = jax.grad(lambda p: sum(jnp.sum(jnp.sin(x) ** 2) for x in jax.tree.leaves(p)))(
-            params
-        )
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    with jax.set_mesh(mesh):
-        state = jax.jit(tx.init)(params)
-        for _ in range(2 * period):
-            params, state = jax.block_until_ready(train_step(params, state))
-    assert train_step._cache_size() == 1
-    for k, x in params.items():
-        assert x.sharding.is_equivalent_to(NamedSharding(mesh, specs[k]), x.ndim), k
-
-
 # ----------------------------------------------------------------------------- errors
-
-
-@pytest.mark.parametrize("period", [0, -1, 2.5, True, "5", (2,)])
-def test_bad_period_is_rejected_at_construction(period):
-    with pytest.raises(ValueError, match="period"):
-        muonbp_jax.muonbp(0.1, period=period)
-    with pytest.raises(ValueError, match="period"):
-        muonbp_jax.scale_by_muonbp(period=period)
-
-
-@pytest.mark.parametrize("period", [1, 5, np.int64(3), None])
-def test_good_period_is_accepted(period):
-    muonbp_jax.muonbp(0.1, period=period)
+# (Bad periods: tests/test_bad_config.py; compiling once over two periods:
+# tests/test_determinism.py.)
 
 
 def _sharded_params(mesh):
@@ -250,7 +199,7 @@ def _sharded_params(mesh):
     ids=["missing", "misspelled"],
 )
 def test_spec_tree_that_does_not_match_names_the_leaf(specs, leaf):
-    mesh = _auto_mesh()
+    mesh = fx.make_mesh()
     tx = muonbp_jax.muonbp(0.1, specs=specs, mesh=mesh)
     with pytest.raises(ValueError, match=f"'{leaf}'"):
         tx.init(_sharded_params(mesh))
@@ -259,11 +208,11 @@ def test_spec_tree_that_does_not_match_names_the_leaf(specs, leaf):
 def test_auto_mode_without_specs_asks_for_them():
     tx = muonbp_jax.muonbp(0.1)
     with pytest.raises(ValueError, match="specs="):
-        tx.init(_sharded_params(_auto_mesh()))
+        tx.init(_sharded_params(fx.make_mesh()))
 
 
 def test_partition_specs_refuses_traced_auto_arrays():
-    mesh = _auto_mesh()
+    mesh = fx.make_mesh()
     params = _sharded_params(mesh)
     assert muonbp_jax.partition_specs(params) == {
         "attn": {"q": P(None, "model"), "o": P("model", None)}
@@ -275,7 +224,7 @@ def test_partition_specs_refuses_traced_auto_arrays():
 def test_auto_mode_under_jit_without_specs_asks_for_them():
     # Traced leaves show no sharding in Auto mode; under a context mesh of several devices they
     # must not be taken for unsharded ones (every block step would silently be a full step).
-    mesh = _auto_mesh()
+    mesh = fx.make_mesh()
     tx = muonbp_jax.muonbp(0.1, period=None)
     with jax.set_mesh(mesh), pytest.raises(ValueError, match="specs="):
         jax.jit(tx.init)(_sharded_params(mesh))

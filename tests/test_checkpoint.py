@@ -14,14 +14,14 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from jax.sharding import AxisType, NamedSharding
+from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 import muonbp_jax
+from tests import _fixtures as fx
 from tests import _reference as ref
 from tests import _trajectory
 
-AXES = ("data", "model")
 PERIOD, LR, SAVED_AT, STEPS = 3, 0.05, 4, 7  # updates 0, 3, 6 are full; saved before update 4
 SPECS = {
     "tiles": P("data", "model"),
@@ -40,16 +40,15 @@ def _parts(mesh_shape: tuple[int, int]) -> dict[str, tuple[int, int]]:
 
 
 def _mesh(shape, mode=AxisType.Explicit):
-    return jax.make_mesh(shape, AXES, axis_types=(mode,) * 2)
+    return fx.make_mesh(mode, shape)
 
 
 def _grads(step: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(1000 + step)
-    return {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
+    return fx.normal_tree(1000 + step, SHAPES)
 
 
 def _put(tree, mesh):
-    return {k: jax.device_put(v, NamedSharding(mesh, SPECS[k])) for k, v in tree.items()}
+    return fx.put(tree, mesh, SPECS)
 
 
 def _train(update, params, state, mesh, steps):
@@ -76,12 +75,6 @@ def _restore(path, params, state):
     return restored["params"], restored["opt_state"]
 
 
-def _muon_state(state) -> muonbp_jax.MuonBPState:
-    is_state = lambda s: isinstance(s, muonbp_jax.MuonBPState)
-    (found,) = [s for s in jax.tree.leaves(state, is_leaf=is_state) if is_state(s)]
-    return found
-
-
 def test_resume_mid_period_is_bit_identical(tmp_path):
     mesh = _mesh((2, 4), AxisType.Auto)
     tx = muonbp_jax.muonbp(LR, period=PERIOD, weight_decay=0.1, specs=SPECS, mesh=mesh)
@@ -93,7 +86,7 @@ def test_resume_mid_period_is_bit_identical(tmp_path):
     straight, straight_params, _ = _train(update, params, state, mesh, range(SAVED_AT, STEPS))
 
     params, state = _restore(tmp_path / "ckpt", fresh_params, fresh_state)
-    assert int(_muon_state(state).count) == SAVED_AT
+    assert int(fx.muon_state(state).count) == SAVED_AT
     resumed, resumed_params, _ = _train(update, params, state, mesh, range(SAVED_AT, STEPS))
     for step, (a, b) in zip(range(SAVED_AT, STEPS), zip(straight, resumed)):
         for name in SHAPES:
@@ -114,7 +107,7 @@ def saved_on_2x4(tmp_path_factory):
         params = _put(_grads(-1), mesh)
         _, params, state = _train(update, params, jax.jit(tx.init)(params), mesh, range(SAVED_AT))
         _save(path, params, state)
-        momentum = {k: np.asarray(v) for k, v in _muon_state(state).mu.items()}
+        momentum = {k: np.asarray(v) for k, v in fx.muon_state(state).mu.items()}
         straight, _, _ = _train(update, params, state, mesh, range(SAVED_AT, STEPS))
     return tx, path, momentum, straight
 
@@ -126,7 +119,7 @@ def test_restore_onto_another_mesh_reshards_and_blocks_follow_it(saved_on_2x4, s
     with jax.set_mesh(mesh):
         fresh = _put(_grads(-1), mesh)
         params, state = _restore(path, fresh, jax.jit(tx.init)(fresh))
-        mu = _muon_state(state).mu
+        mu = fx.muon_state(state).mu
         for name in MUON:
             assert mu[name].sharding.mesh.shape == mesh.shape, f"{name} not on the new mesh"
             assert mu[name].sharding.is_equivalent_to(params[name].sharding, 2), name

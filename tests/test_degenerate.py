@@ -34,11 +34,6 @@ SHAPES = {"bias": (32,), **{name: shape for name, (shape, _, _) in MUON.items()}
 TOLERANCE = 0.1
 
 
-@pytest.fixture(scope="module")
-def mesh():
-    return jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-
-
 def _grads(seed: int, scale: float = 1.0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {k: rng.standard_normal(s) * scale for k, s in SHAPES.items()}

@@ -3,6 +3,7 @@ step compiles once over two periods (block and full steps alike)."""
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +13,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import muonbp_jax
+from tests import _fixtures as fx
 from tests import _multiprocess_worker as worker
 
 
@@ -53,32 +55,30 @@ SHAPES = {"cols": (16, 32), "tiles": (16, 32), "stacked": (2, 16, 32), "bias": (
 @pytest.mark.parametrize("init", ["eager", "jit"])
 @pytest.mark.parametrize("mode", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
 def test_training_step_compiles_once_over_two_periods(mode, init):
-    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(mode,) * 2)
+    mesh = fx.make_mesh(mode)
     kw = {"specs": SPECS, "mesh": mesh} if mode == AxisType.Auto else {}
     dims = {"stacked": muonbp_jax.MuonDimensionNumbers(1, 2)}
     tx = muonbp_jax.muonbp(
         0.02, period=3, weight_decay=0.1, muon_weight_dimension_numbers=dims, **kw
     )
-    traces = []
+    chex.clear_trace_counter()  # counted per function code, shared by the parametrizations
 
     @jax.jit
+    @chex.assert_max_traces(n=1)
     def step(params, state, x):
-        traces.append(None)
         loss = lambda p: sum(jnp.sum(jnp.tanh(v * x) ** 2) for v in p.values())
         updates, state = tx.update(jax.grad(loss)(params), state, params)
         return optax.apply_updates(params, updates), state
 
     rng = np.random.default_rng(0)
     with jax.set_mesh(mesh):
-        params = {
-            k: jax.device_put(
-                rng.standard_normal(s).astype(np.float32), NamedSharding(mesh, SPECS[k])
-            )
-            for k, s in SHAPES.items()
-        }
+        params = fx.put(
+            {k: rng.standard_normal(s) for k, s in SHAPES.items()}, mesh, SPECS, np.float32
+        )
         state = tx.init(params) if init == "eager" else jax.jit(tx.init)(params)
         for t in range(6):  # full, block, block, full, block, block
             params, state = jax.block_until_ready(step(params, state, jnp.float32(1 + t)))
     assert all(np.isfinite(np.asarray(v)).all() for v in params.values())
-    assert len(traces) == 1, f"traced {len(traces)} times"
     assert step._cache_size() == 1, f"compiled {step._cache_size()} times"
+    for k, x in params.items():
+        assert x.sharding.is_equivalent_to(NamedSharding(mesh, SPECS[k]), x.ndim), k

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,12 +15,13 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import muonbp_jax
+from tests import _fixtures as fx
 
 LAYOUT = {"w": P(None, "model"), "x": P("data", None)}
 
 
 def _mesh(axis_type):
-    return jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type,) * 2)
+    return fx.make_mesh(axis_type)
 
 
 def _params(mesh, specs=LAYOUT, shape=(16, 32)):
@@ -46,8 +48,7 @@ def test_a_tree_of_named_shardings_is_accepted_as_specs(jit):
     for _ in range(2):  # a full step, then a block step
         updates, state = wrap(tx.update)(grads, state, params)
         expected, ref_state = reference.update(grads, ref_state, params)
-        for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+        chex.assert_trees_all_close(updates, expected, rtol=1e-5, atol=1e-7)
     assert state.inner_states["muon"].inner_state[0].mu["layer"]["w"].sharding.spec == P(
         None, "model"
     )

@@ -18,9 +18,8 @@ from jax.sharding import PartitionSpec as P
 
 import muonbp_jax
 from muonbp_jax import MuonDimensionNumbers
+from tests import _fixtures as fx
 from tests import _reference as ref
-
-MESH_SHAPE, AXES = (2, 4), ("data", "model")
 
 # name: (shape, spec, (row parts, col parts) of one device's block on the 2x4 mesh)
 LAYOUTS = {
@@ -46,25 +45,17 @@ TOLERANCE = {jnp.float32: 1e-4, jnp.bfloat16: 0.1}
 COLLECTIVE = re.compile(r"\b(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)")
 
 
-def _mesh(mode: AxisType) -> jax.sharding.Mesh:
-    return jax.make_mesh(MESH_SHAPE, AXES, axis_types=(mode,) * 2)
-
-
 def _context(mode: AxisType, mesh):
     # Explicit mode needs the mesh set for jit(init); Auto mode gets it through mesh=.
     return jax.set_mesh(mesh) if mode == AxisType.Explicit else contextlib.nullcontext()
 
 
 def _grads(seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {
-        name: rng.standard_normal(shape).astype(np.float32)
-        for name, (shape, _, _) in LAYOUTS.items()
-    }
+    return fx.normal_tree(seed, {name: shape for name, (shape, _, _) in LAYOUTS.items()})
 
 
 def _put(tree: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-    return {k: jax.device_put(v, NamedSharding(mesh, SPECS[k])) for k, v in tree.items()}
+    return fx.put(tree, mesh, SPECS)
 
 
 def _matrices(x: np.ndarray) -> np.ndarray:
@@ -96,24 +87,15 @@ def _tx(mode: AxisType, mesh, ns_dtype, period, **kw):
     )
 
 
-def _muon_state(state) -> muonbp_jax.MuonBPState:
-    (found,) = [
-        s
-        for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, muonbp_jax.MuonBPState))
-        if isinstance(s, muonbp_jax.MuonBPState)
-    ]
-    return found
-
-
 @pytest.mark.parametrize("ns_dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("mode", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
 def test_full_then_block_step_match_reference(mode, ns_dtype):
-    mesh = _mesh(mode)
+    mesh = fx.make_mesh(mode)
     tx = _tx(mode, mesh, ns_dtype, period=2)
     with _context(mode, mesh):
         params = _put(_grads(0), mesh)
         state = jax.jit(tx.init)(params)
-        for name, mu in _muon_state(state).mu.items():
+        for name, mu in fx.muon_state(state).mu.items():
             assert mu.sharding.is_equivalent_to(params[name].sharding, mu.ndim), name
         update = jax.jit(tx.update)
         for step, kind in enumerate(["full", "block"]):
@@ -128,7 +110,7 @@ def test_full_then_block_step_match_reference(mode, ns_dtype):
                     f"{kind} step, {name}: update sharded as {u.sharding}, parameter as "
                     f"{params[name].sharding}"
                 )
-        for name, mu in _muon_state(state).mu.items():
+        for name, mu in fx.muon_state(state).mu.items():
             assert mu.sharding.is_equivalent_to(params[name].sharding, mu.ndim), name
         assert update._cache_size() == 1
 
@@ -159,7 +141,7 @@ def _reachable(comps: dict[str, str], roots: list[str]) -> set[str]:
 
 
 def _compiled_update(mode: AxisType, period, **kw) -> str:
-    mesh = _mesh(mode)
+    mesh = fx.make_mesh(mode)
     tx = _tx(mode, mesh, jnp.bfloat16, period=period, **kw)
     with _context(mode, mesh):
         params = _put(_grads(0), mesh)

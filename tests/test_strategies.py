@@ -12,14 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType, NamedSharding
+from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 import muonbp_jax
 from muonbp_jax import MuonDimensionNumbers as Dims
+from tests import _fixtures as fx
 from tests import _reference as ref
 
-AXES = ("data", "model")
 # name: (shape, spec, dimension numbers); the 2x4 mesh has data=2, model=4.
 LAYOUTS = {
     # the core suite's layouts
@@ -47,13 +47,8 @@ DIMS = {name: dims for name, (_, _, dims) in LAYOUTS.items()}
 COLLECTIVE = re.compile(r" (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)\(")
 
 
-def _mesh(mode: AxisType) -> jax.sharding.Mesh:
-    return jax.make_mesh((2, 4), AXES, axis_types=(mode,) * 2)
-
-
 def _grads(seed: int, names=LAYOUTS) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {n: rng.standard_normal(LAYOUTS[n][0]).astype(np.float32) for n in names}
+    return fx.normal_tree(seed, {n: LAYOUTS[n][0] for n in names})
 
 
 def _reference(g: np.ndarray, dims: Dims) -> np.ndarray:
@@ -71,7 +66,7 @@ def _reference(g: np.ndarray, dims: Dims) -> np.ndarray:
 def _updates(
     mode: AxisType, strategy: str, grads, ns_dtype=jnp.float32, hlo: bool = False, layouts=LAYOUTS
 ):
-    mesh = _mesh(mode)
+    mesh = fx.make_mesh(mode)
     names = list(grads)
     specs = {n: layouts[n][1] for n in names}
     auto = {"specs": specs, "mesh": mesh} if mode == AxisType.Auto else {}
@@ -86,7 +81,7 @@ def _updates(
         **auto,
     )
     with jax.set_mesh(mesh) if mode == AxisType.Explicit else contextlib.nullcontext():
-        put = {n: jax.device_put(g, NamedSharding(mesh, specs[n])) for n, g in grads.items()}
+        put = fx.put(grads, mesh, specs)
         state = jax.jit(tx.init)(put)
         compiled = jax.jit(tx.update).lower(put, state, put).compile()
         updates, _ = compiled(put, state, put)
