@@ -11,7 +11,6 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 import muonbp_jax
 
@@ -41,7 +40,3 @@ def muon_state(state) -> muonbp_jax.MuonBPState:
     is_state = lambda s: isinstance(s, muonbp_jax.MuonBPState)
     (found,) = [s for s in jax.tree.leaves(state, is_leaf=is_state) if is_state(s)]
     return found
-
-
-def is_spec(x) -> bool:
-    return isinstance(x, P)
