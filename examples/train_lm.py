@@ -7,8 +7,9 @@
 Without a GPU/TPU it runs on 8 fake CPU devices as a 2x4 ('data', 'model') mesh: the matrices
 are split 4 ways Megatron-style and MuonBP's block steps orthogonalize each device's slice. On
 one GPU, `block_grid` splits the matrices into the same 4 blocks. Every optimizer starts from the
-same seed and sees the same batches. Writes, under --out: metrics.csv, metrics.json,
-loss_curves.png and checkpoints/<optimizer>/ (for --resume).
+same seed and sees the same batches. Writes, under --out: metrics.csv, metrics.json (with the
+MuonBP-family optimizers' per-step diagnostics), loss_curves.png, diagnostics.png (when one of
+them ran) and checkpoints/<optimizer>/ (for --resume).
 """
 
 from __future__ import annotations
@@ -171,6 +172,13 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="fake CPU devices when no GPU/TPU is present (default: 8)",
     )
+    p.add_argument(
+        "--no-diagnostics",
+        dest="diagnostics",
+        action="store_false",
+        help="do not record the MuonBP family's per-step diagnostics (recorded by default: "
+        "metrics columns and diagnostics.png; they cost compile time and some step time)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p
 
@@ -292,19 +300,19 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     report.write_csv(runs, out / "metrics.csv")
     report.write_json(runs, run_info(setup, argv), out / "metrics.json")
-    report.plot(
-        runs,
-        out / "loss_curves.png",
-        title=(
-            f"byte-level GPT d={args.d_model} L={args.layers}, {args.steps} steps of "
-            f"{args.batch}x{args.seq} bytes, {setup.device}"
-        ),
+    title = (
+        f"byte-level GPT d={args.d_model} L={args.layers}, {args.steps} steps of "
+        f"{args.batch}x{args.seq} bytes, {setup.device}"
     )
+    report.plot(runs, out / "loss_curves.png", title=title)
+    figures = [out / "loss_curves.png"]
+    if report.plot_diagnostics(runs, out / "diagnostics.png", title=title):
+        figures.append(out / "diagnostics.png")
     print()
     print(report.table(runs))
     print(
-        f"\nwrote {out / 'metrics.csv'}, {out / 'metrics.json'}, {out / 'loss_curves.png'}; "
-        f"checkpoints in {out / 'checkpoints'}"
+        f"\nwrote {out / 'metrics.csv'}, {out / 'metrics.json'}, "
+        f"{', '.join(map(str, figures))}; checkpoints in {out / 'checkpoints'}"
     )
 
 

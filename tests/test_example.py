@@ -66,10 +66,11 @@ def small_corpus(tmp_path_factory) -> data.Corpus:
 
 
 def test_command_smoke(tmp_path):
-    """The README's command on a tiny configuration: table, CSV, JSON and PNG for each run."""
+    """The README's command on a tiny configuration: table, CSV, JSON and PNGs for each run,
+    with MuonBP's diagnostics in the CSV (period 2: updates 0 and 2 are full steps)."""
     names = ["muonbp", "adamw"]
     out = tmp_path / "out"
-    proc = run_cli("--compare", ",".join(names), *TINY_FLAGS, "--out", str(out))
+    proc = run_cli("--compare", ",".join(names), *TINY_FLAGS, "--period", "2", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.startswith("|")]
     assert [r.split("|")[1].strip() for r in rows[2:]] == names
@@ -83,10 +84,39 @@ def test_command_smoke(tmp_path):
     ]
     assert all(math.isfinite(float(r["train_loss"])) for r in records)
     kinds = [r["kind"] for r in records if r["optimizer"] == "muonbp"]
-    assert kinds == ["full", "block", "block", "block"]  # period 5: only update 0 is full
+    assert kinds == ["full", "block", "full", "block"]  # update t (0-based) is full iff t % 2 == 0
+
+    # Diagnostics: MuonBP's rows have every aggregate, finite; AdamW's have them empty.
+    fields = "update_rms update_spectral block_spectral ns_sigma_max ns_sigma_min momentum_norm"
+    columns = ["full_step", "learning_rate"]
+    columns += [f"{f}_{s}" for f in fields.split() for s in ("mean", "max", "min")]
+    assert set(columns) <= set(records[0])
+    for r in records:
+        values = [r[c] for c in columns]
+        if r["optimizer"] == "adamw":
+            assert values == [""] * len(columns)
+            continue
+        assert all(math.isfinite(float(v)) for v in values), r
+        t = int(r["step"]) - 1
+        assert float(r["full_step"]) == (1.0 if t % 2 == 0 else 0.0)
+        # Newton–Schulz maps singular values into about [0.7, 1.2] (never above 1.5), and
+        # σ_min ≤ σ_max; a submatrix's spectral norm is at most the whole matrix's, and on a
+        # full step the orthogonalized piece is the whole matrix.
+        sigma_min, sigma_max = float(r["ns_sigma_min_min"]), float(r["ns_sigma_max_max"])
+        assert 0 <= sigma_min <= sigma_max < 1.5, r
+        whole, block = float(r["update_spectral_max"]), float(r["block_spectral_max"])
+        if t % 2 == 0:
+            assert whole == pytest.approx(block, rel=1e-5), r
+        else:
+            assert whole >= block * (1 - 1e-4), r
+        assert float(r["update_rms_max"]) > 0 and float(r["momentum_norm_max"]) > 0
     summary = json.loads((out / "metrics.json").read_text())
     assert set(summary["runs"]) == set(names) and "jax" in summary["versions"]
-    assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    json_steps = summary["runs"]["muonbp"]["steps"]
+    assert [s["full_step"] for s in json_steps] == [1.0, 0.0, 1.0, 0.0]
+    assert all("full_step" not in s for s in summary["runs"]["adamw"]["steps"])
+    for figure in ("loss_curves.png", "diagnostics.png"):
+        assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted(names)
 
 
@@ -128,6 +158,11 @@ def test_resume_continues_exactly(tmp_path, small_corpus):
     resumed = train(ckpt, corpus=small_corpus, resume=True, progress=False, return_params=True)
     _assert_trees_equal(whole["params"], resumed["params"])
     assert [s["train_loss"] for s in resumed["steps"]] == [s["train_loss"] for s in whole["steps"]]
+    # The diagnostics continue too (they live in the restored optimizer state).
+    untimed = lambda steps: [
+        {k: v for k, v in s.items() if k not in ("time_s", "timed")} for s in steps
+    ]
+    assert untimed(resumed["steps"]) == untimed(whole["steps"])
 
     changed = Config(
         optimizer="muonbp",

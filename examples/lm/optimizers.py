@@ -41,6 +41,11 @@ DEFAULT_LR = {
 PERIODS = {"muon": 1, "blockmuon": None, "optax_muon": 1}
 ADAM = {"b1": 0.9, "b2": 0.95}  # the usual LM setting, for AdamW and every Muon's AdamW part
 WARMUP_FRACTION = 0.05
+# What the MuonBP-family optimizers record each step (muonbp_jax.read_diagnostics reads it):
+# the whole update's spectral norm also on block steps (vector all-reduces on sharded leaves),
+# so that block and full steps can be compared in one plot; 3 Lanczos iterations instead of
+# the library's 5 (a little cheaper; most of the cost does not depend on them, see README).
+DIAGNOSTICS = muonbp_jax.Diagnostics(iterations=3, whole_norm_on_block_steps=True)
 
 
 def schedule(lr: float, steps: int) -> optax.Schedule:
@@ -74,6 +79,7 @@ def build(
     block_lr_rule: str | None = None,
     block_lr_ratio: float = 1.0,
     full_strategy: str = "auto",
+    diagnostics: muonbp_jax.Diagnostics | bool = DIAGNOSTICS,
 ) -> optax.GradientTransformation:
     """The optimizer `name` (one of OPTIMIZERS) for `params`.
 
@@ -85,6 +91,8 @@ def build(
       block_lr_ratio: block_learning_rate as a multiple of `lr` (same schedule; multiplied by
         the rule's per-leaf factor). 1 by default: the library's defaults.
       full_strategy: MuonBP's full-step strategy (one of muonbp_jax.FULL_STRATEGIES).
+      diagnostics: `diagnostics=` of the MuonBP-family optimizers (muonbp, muon, blockmuon);
+        the others record none.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
@@ -116,4 +124,5 @@ def build(
         **({} if block_lr_rule is None else {"block_lr_rule": block_lr_rule}),
         mesh=mesh,
         block_grid=block_grid,
+        diagnostics=diagnostics,
     )

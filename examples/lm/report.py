@@ -1,4 +1,5 @@
-"""What a run leaves behind: the final table, metrics as CSV and JSON, and a PNG of loss curves."""
+"""What a run leaves behind: the final table, metrics as CSV and JSON, and PNGs of the loss
+curves and of the MuonBP-family optimizers' diagnostics."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ COLUMNS = (
     ("mean_full_step_ms", "full step ms", "{:.1f}"),
 )
 SMOOTHING = 10  # steps in the moving average of the plotted training loss
+STEP_FIELDS = ("step", "train_loss", "time_s", "kind", "timed")  # the rest are diagnostics
 
 
 def table(runs: dict[str, dict[str, Any]]) -> str:
@@ -36,11 +38,25 @@ def table(runs: dict[str, dict[str, Any]]) -> str:
     return "\n".join([line(heads), rule, *map(line, rows)])
 
 
+def diagnostic_names(runs: dict[str, dict[str, Any]]) -> list[str]:
+    """The diagnostics recorded in any run's steps (`muonbp_jax.read_diagnostics` keys), in
+    the order they first appear."""
+    names: dict[str, None] = {}
+    for m in runs.values():
+        for s in m["steps"]:
+            names.update((k, None) for k in s if k not in STEP_FIELDS)
+    return list(names)
+
+
 def write_csv(runs: dict[str, dict[str, Any]], path: Path) -> None:
-    """One row per optimizer and step; val_loss is filled on evaluation steps."""
+    """One row per optimizer and step; val_loss is filled on evaluation steps, the diagnostics
+    columns on the steps of the optimizers that record them (empty for the others)."""
+    diagnostics = diagnostic_names(runs)
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["optimizer", "step", "train_loss", "val_loss", "step_time_s", "kind"])
+        writer.writerow(
+            ["optimizer", "step", "train_loss", "val_loss", "step_time_s", "kind", *diagnostics]
+        )
         for name, m in runs.items():
             val = {e["step"]: e["val_loss"] for e in m["evals"]}
             for s in m["steps"]:
@@ -52,6 +68,7 @@ def write_csv(runs: dict[str, dict[str, Any]], path: Path) -> None:
                         "" if s["step"] not in val else f"{val[s['step']]:.6f}",
                         f"{s['time_s']:.6f}",
                         s["kind"],
+                        *("" if k not in s else f"{s[k]:.7g}" for k in diagnostics),
                     ]
                 )
 
@@ -100,3 +117,56 @@ def plot(runs: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_diagnostics(runs: dict[str, dict[str, Any]], path: Path, title: str) -> bool:
+    """For each optimizer that records diagnostics, against steps: the update's spectral norm
+    (of the whole matrices, solid, and the largest block's, dashed; max over matrices) and the
+    range of the Newton–Schulz output's singular values, full steps marked. Returns False
+    (and draws nothing) when no run records diagnostics."""
+    shown = {
+        name: m["steps"] for name, m in runs.items() if m["steps"] and "full_step" in m["steps"][0]
+    }
+    if not shown:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_norm, ax_sigma) = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    for name, steps in shown.items():
+        step = np.array([s["step"] for s in steps])
+        full = np.array([s["full_step"] for s in steps]) > 0.5
+        lw = 1.6 if name == "muonbp" else 1.1
+        curves = (
+            (ax_norm, "update_spectral_max", "-", name),
+            (ax_norm, "block_spectral_max", ":", None),
+            (ax_sigma, "ns_sigma_max_max", "-", name),
+            (ax_sigma, "ns_sigma_min_min", "--", None),
+        )
+        color = None
+        for ax, key, style, label in curves:
+            value = np.array([s[key] for s in steps], dtype=float)
+            (line,) = ax.plot(step, value, style, color=color, lw=lw, label=label)
+            color = line.get_color()
+            ax.plot(step[full], value[full], "o", color=color, ms=3.5)
+    for ax in (ax_norm, ax_sigma):
+        ax.plot([], [], "o", color="gray", ms=3.5, label="full steps")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ax_norm.set(
+        xlabel="step",
+        ylabel="spectral norm of U (max over matrices)",
+        title="update U: whole matrix (solid), largest block (dotted)",
+    )
+    ax_sigma.set(
+        xlabel="step",
+        ylabel="singular value",
+        title="Newton–Schulz output O: σ_max (solid), σ_min (dashed)",
+    )
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -25,6 +25,7 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import muonbp_jax
 from lm import data as data_lib
 from lm import optimizers
 from lm.model import DATA, GPT, MODEL, ModelConfig, block_grids
@@ -51,6 +52,7 @@ class Config:
     block_lr_rule: str | None = None  # MuonBP's block step-size rule; None: the library's
     block_lr_ratio: float = 1.0  # a study knob: block_learning_rate = ratio × lr (1: none)
     full_strategy: str = "auto"  # how MuonBP orthogonalizes whole matrices on full steps
+    diagnostics: bool = True  # the MuonBP family records optimizers.DIAGNOSTICS each step
     weight_decay: float = 0.0
     seed: int = 0
     data: str | None = None  # None: the Python standard library's sources
@@ -222,13 +224,33 @@ def build(config: Config) -> Run:
         block_lr_rule=config.block_lr_rule,
         block_lr_ratio=config.block_lr_ratio,
         full_strategy=config.full_strategy,
+        diagnostics=optimizers.DIAGNOSTICS if config.diagnostics else False,
     )
     return Run(mesh, graphdef, params, tx, _on_mesh(tx.init(params), mesh))
 
 
+def read_diagnostics(opt_state: Any) -> dict[str, jax.Array]:
+    """`muonbp_jax.read_diagnostics` (the aggregates over leaves) of a state that records
+    diagnostics (the MuonBP family's, see optimizers.DIAGNOSTICS); {} for any other."""
+    is_diag = lambda x: isinstance(x, muonbp_jax.MuonBPDiagnostics)
+    if not any(map(is_diag, jax.tree.leaves(opt_state, is_leaf=is_diag))):
+        return {}
+    return muonbp_jax.read_diagnostics(opt_state, per_leaf=False)
+
+
+def diagnostic_names(opt_state: Any) -> list[str]:
+    """The keys of `read_diagnostics(opt_state)` in its order (traced abstractly, no work)."""
+    names: list[str] = []
+    jax.eval_shape(lambda state: names.extend(read_diagnostics(state)), opt_state)
+    return names
+
+
 def compile_steps(run: Run, config: Config) -> tuple[Any, Any]:
-    """The training step (params, opt_state, x, y) -> (params, opt_state, loss), compiled
-    ahead of time with donated state, and the evaluation loss (params, x, y) -> loss."""
+    """The training step (params, opt_state, x, y) -> (params, opt_state, scalars), compiled
+    ahead of time with donated state, and the evaluation loss (params, x, y) -> loss.
+    `scalars` is one float32 vector: the loss, then the diagnostics in the order of
+    `diagnostic_names(run.opt_state)`, so that the host reads them all in one transfer, from
+    a buffer the next step does not donate."""
     batch = NamedSharding(run.mesh, P(DATA, None))
     replicated = NamedSharding(run.mesh, P())
     param_sh, opt_sh = _shardings(run.params), _shardings(run.opt_state)
@@ -237,7 +259,9 @@ def compile_steps(run: Run, config: Config) -> tuple[Any, Any]:
     def step(params, opt_state, x, y):
         loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
         updates, opt_state = run.tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        diagnostics = read_diagnostics(opt_state).values()
+        scalars = jnp.stack([v.astype(jnp.float32) for v in (loss, *diagnostics)])
+        return optax.apply_updates(params, updates), opt_state, scalars
 
     tokens = jax.ShapeDtypeStruct((config.batch, config.seq), jnp.int32, sharding=batch)
     step_fn = jax.jit(
@@ -275,7 +299,8 @@ def train(
       A dict: "config", "lr", "final_train_loss" (mean of the last 10 steps),
       "final_val_loss", "tokens_per_s", "mean_step_ms", "mean_block_step_ms",
       "mean_full_step_ms" (None where there is no such step; the first step of each process
-      is not timed), "compile_s", "steps" and "evals" (per-step and per-evaluation records),
+      is not timed), "compile_s", "steps" and "evals" (per-step and per-evaluation records;
+      a MuonBP-family step's record also holds its diagnostics, `read_diagnostics`),
       "devices", "mesh".
     """
     corpus = corpus if corpus is not None else data_lib.load_corpus(config.data)
@@ -296,6 +321,7 @@ def train(
 
     began = time.perf_counter()
     step_fn, eval_fn = compile_steps(run, config)
+    diagnostics = diagnostic_names(run.opt_state)
     compile_s = time.perf_counter() - began
     to_device = lambda a: jax.device_put(a, NamedSharding(run.mesh, P(DATA, None)))
     val_batches = [
@@ -317,15 +343,16 @@ def train(
             to_device, data_lib.train_batch(corpus, config.seed, t, config.batch, config.seq)
         )
         t0 = time.perf_counter()
-        params, opt_state, loss = step_fn(params, opt_state, x, y)
+        params, opt_state, scalars = step_fn(params, opt_state, x, y)
         # One step in flight at a time: also what keeps XLA:CPU collectives from deadlocking
         # with many fake devices on few cores (see tests/conftest.py).
-        loss = float(jax.block_until_ready(loss))
+        loss, *values = np.asarray(jax.device_get(scalars)).tolist()
         dt = time.perf_counter() - t0
         kind = optimizers.step_kind(config.optimizer, config.period, t)
         # The first step a process runs also sets up thread pools and buffers: not timed.
         record["steps"].append(
             {"step": t + 1, "train_loss": loss, "time_s": dt, "kind": kind, "timed": t > start}
+            | dict(zip(diagnostics, values, strict=True))
         )
         if (t + 1) % config.eval_every == 0 or t + 1 == config.steps:
             record["evals"].append({"step": t + 1, "val_loss": evaluate()})
