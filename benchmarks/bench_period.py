@@ -3,10 +3,11 @@ same updates compiled alone (period=None for block steps, period=1 for full step
 
 The loop threads the optimizer state, so the jitted update sees its counter advance and
 `lax.cond` takes both branches in turn; each update is waited for. On one device a block step is
-emulated with `block_grid`.
+emulated with `block_grid`. Everything runs at the library's defaults.
 
-    python benchmarks/bench_period.py            # 1.2 B-shaped tree cut to 4 layers (GPU)
-    python benchmarks/bench_period.py --small    # tiny tree (CPU check)
+    python benchmarks/bench_period.py                 # 1.2 B-shaped tree cut to 4 layers (GPU)
+    python benchmarks/bench_period.py --small         # tiny tree (CPU check)
+    python benchmarks/bench_period.py --hlo out/      # also write the compiled P-loop program
 """
 
 from __future__ import annotations
@@ -27,12 +28,10 @@ import bench_step
 import muonbp_jax
 
 
-def loop_times(tx, params, grads, updates: int) -> list[float]:
-    """Wall ms of each of `updates` consecutive updates (after one warm-up period's worth)."""
-    state = jax.jit(tx.init)(params)
-    step = jax.jit(tx.update)
+def loop_times(step, state, params, grads, updates: int) -> list[float]:
+    """Wall ms of each of `updates` consecutive calls of the jitted `step`, state threaded."""
     times = []
-    for i in range(updates):
+    for _ in range(updates):
         start = time.perf_counter()
         out, state = step(grads, state, params)
         jax.block_until_ready(out)
@@ -40,36 +39,41 @@ def loop_times(tx, params, grads, updates: int) -> list[float]:
     return times
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--small", action="store_true", help="tiny tree, for a CPU check")
-    parser.add_argument("--period", type=int, default=5)
-    parser.add_argument("--periods", type=int, default=6, help="timed periods")
-    parser.add_argument("--block-grid", default="1,8", help="r,c tiles emulating TP blocks")
-    parser.add_argument("--out", default=None, help="write the figures to this JSON file")
-    args = parser.parse_args(argv)
-
-    model = bench_step.SMALL if args.small else bench_step.Model(2048, 8192, 4, 32000)
+def measure(
+    small: bool = False,
+    period: int = 5,
+    periods: int = 6,
+    grid: tuple[int, int] = (1, 8),
+    hlo_dir: str | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Times a period-`period` loop, block and full steps alone, and their difference;
+    `options` go to `muonbp` (default: the library's defaults)."""
+    model = bench_step.SMALL if small else bench_step.Model(2048, 8192, 4, 32000)
     params = bench_step.random_tree(model, seed=0, scale=0.02)
     grads = bench_step.random_tree(model, seed=1, scale=1e-3)
-    grid = tuple(int(v) for v in args.block_grid.split(","))
     common = {
         "muon_weight_dimension_numbers": bench_step.routing(model),
         "block_grid": grid,
-        "ns_coeffs": "polar_express",
-        "ns_method": "gram",
+        **options,
     }
-    p, n = args.period, args.period * (args.periods + 1)
-    runs = {
-        f"P={p}": loop_times(muonbp_jax.muonbp(1e-3, period=p, **common), params, grads, n),
-        "block alone": loop_times(muonbp_jax.muonbp(1e-3, period=None, **common), params, grads, n),
-        "full alone": loop_times(muonbp_jax.muonbp(1e-3, period=1, **common), params, grads, n),
-    }
+    p, n = period, period * (periods + 1)
+    runs = {}
+    for name, kind in ((f"P={p}", p), ("block alone", None), ("full alone", 1)):
+        tx = muonbp_jax.muonbp(1e-3, period=kind, **common)
+        state = jax.jit(tx.init)(params)
+        step = jax.jit(tx.update)
+        if hlo_dir and kind == p:
+            Path(hlo_dir).mkdir(parents=True, exist_ok=True)
+            text = step.lower(grads, state, params).compile().as_text()
+            Path(hlo_dir, f"period{p}_update.hlo.txt").write_text(text)
+        runs[name] = loop_times(step, state, params, grads, n)
     timed = {k: v[p:] for k, v in runs.items()}  # the first period absorbs compilation
     loop = timed[f"P={p}"]
     full_in_loop = statistics.median(loop[0::p])
     block_in_loop = statistics.median([t for i, t in enumerate(loop) if i % p])
     block, full = statistics.median(timed["block alone"]), statistics.median(timed["full alone"])
+    alone_mean = ((p - 1) * block + full) / p
     rows = [
         {
             "update": "block step",
@@ -85,19 +89,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         {
             "update": f"mean of P={p}",
-            "alone ms": ((p - 1) * block + full) / p,
+            "alone ms": alone_mean,
             "in P loop ms": statistics.mean(loop),
-            "overhead ms": statistics.mean(loop) - ((p - 1) * block + full) / p,
+            "overhead ms": statistics.mean(loop) - alone_mean,
         },
     ]
-    print(
-        _timing.table(
-            rows,
-            ["update", "alone ms", "in P loop ms", "overhead ms"],
-            f"{jax.devices()[0].device_kind}, block_grid {grid}",
-        )
-    )
-    payload = {"environment": _timing.environment(), "rows": rows, "raw_ms": timed}
+    title = f"{jax.devices()[0].device_kind}, block_grid {grid}, {model}"
+    print(_timing.table(rows, ["update", "alone ms", "in P loop ms", "overhead ms"], title))
+    return {"environment": _timing.environment(), "rows": rows, "raw_ms": timed}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="tiny tree, for a CPU check")
+    parser.add_argument("--period", type=int, default=5)
+    parser.add_argument("--periods", type=int, default=6, help="timed periods")
+    parser.add_argument("--block-grid", default="1,8", help="r,c tiles emulating TP blocks")
+    parser.add_argument("--hlo", default=None, help="write the compiled P-loop update here")
+    parser.add_argument("--ns-method", default=None, help="muonbp's ns_method (default: its)")
+    parser.add_argument("--ns-coeffs", default=None, help="muonbp's ns_coeffs (default: its)")
+    parser.add_argument("--out", default=None, help="write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    grid = tuple(int(v) for v in args.block_grid.split(","))
+    options = {
+        k: v for k, v in (("ns_method", args.ns_method), ("ns_coeffs", args.ns_coeffs)) if v
+    }
+    payload = measure(args.small, args.period, args.periods, grid, args.hlo, **options)
+    payload["options"] = options
     _timing.write_json(args.out, payload)
     return payload
 

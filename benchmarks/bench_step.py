@@ -23,7 +23,6 @@ down (ffn×d) and a norm (d); embedding 32000×d and head d×32000; float32.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import math
@@ -31,7 +30,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -42,12 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import muonbp_jax
 from benchmarks import _timing
-from muonbp_jax import MuonDimensionNumbers, _steps
+from muonbp_jax import MuonDimensionNumbers
 from muonbp_jax._newton_schulz import (
     _newton_schulz_step,
     _precondition,
     coefficient_schedule,
     newton_schulz_flops,
+    resolve_method,
 )
 
 MATRICES = ("q", "k", "v", "o", "up", "gate", "down")
@@ -102,7 +101,15 @@ def random_tree(model: Model, seed: int, scale: float) -> Any:
 
 
 def ns_flops(shapes: list[tuple[int, int]], method: str) -> float:
-    return float(sum(newton_schulz_flops(r, c, NS_STEPS, method) for r, c in shapes))
+    """Matmul FLOPs of orthogonalizing `shapes` as the library does: the Gram method falls back
+    to the plain iteration on matrices where it would not save FLOPs."""
+    method = resolve_method(method)
+
+    def one(r: int, c: int) -> int:
+        plain = newton_schulz_flops(r, c, NS_STEPS)
+        return min(plain, newton_schulz_flops(r, c, NS_STEPS, "gram")) if method == "gram" else plain
+
+    return float(sum(one(r, c) for r, c in shapes))
 
 
 def tree_bytes(tree: Any) -> int:
@@ -151,7 +158,8 @@ def rolled_newton_schulz(x: jax.Array, coeffs: str, form: str) -> jax.Array:
 
 
 ENGINES = {
-    # name: (method, coefficients, loop form)
+    # name: (method, coefficients, loop form); "auto" resolves per backend (resolve_method)
+    "defaults (auto polar_express)": ("auto", "polar_express", "unrolled"),
     "plain jordan unrolled": ("newton_schulz", "jordan", "unrolled"),
     "plain jordan fori_loop": ("newton_schulz", "jordan", "fori_loop"),
     "plain jordan scan": ("newton_schulz", "jordan", "scan"),
@@ -162,44 +170,66 @@ ENGINES = {
 }
 
 
+BLOCK_ENGINES = ("plain jordan unrolled", "plain polar_express unrolled", "gram polar_express")
+
+
 def engine(method: str, coeffs: str, form: str):
     if form == "unrolled":
         return functools.partial(muonbp_jax.orthogonalize, ns_coeffs=coeffs, method=method)
     return functools.partial(rolled_newton_schulz, coeffs=coeffs, form=form)
 
 
-def bench_engines(model: Model, iters: int, ceiling: float) -> list[dict[str, Any]]:
-    """Newton–Schulz alone on the tree's matrices, one batched call per shape (wide form)."""
+def engine_inputs(shapes: list[tuple[int, int]]) -> tuple[list[jax.Array], list[tuple[int, int]]]:
+    """One float32 (count, m, n) batch per distinct wide shape of `shapes`."""
     groups: dict[tuple[int, int], int] = {}
-    for r, c in model.matrix_shapes():
+    for r, c in shapes:
         key = (min(r, c), max(r, c))
         groups[key] = groups.get(key, 0) + 1
     inputs = [
         jax.random.normal(jax.random.key(i), (n, *shape), jnp.float32)
         for i, (shape, n) in enumerate(groups.items())
     ]
+    return inputs, list(groups)
+
+
+def bench_engines(
+    shapes: list[tuple[int, int]], iters: int, ceiling: dict[str, float], engines=None
+) -> list[dict[str, Any]]:
+    """Newton–Schulz alone on `shapes`, one batched call per shape (wide form). The Gram
+    engines iterate in float16 and are compared with the float16 ceiling."""
+    inputs, _ = engine_inputs(shapes)
     rows = []
-    for name in _timing.progress(list(ENGINES), "NS engines"):
+    for name in _timing.progress(list(engines or ENGINES), "NS engines"):
         method, coeffs, form = ENGINES[name]
         orth = engine(method, coeffs, form)
         fn = jax.jit(lambda xs, orth=orth: [orth(x) for x in xs])
         ms = _timing.median_ms(fn, inputs, iters=iters)
-        flops = ns_flops(model.matrix_shapes(), method)
-        plain = ns_flops(model.matrix_shapes(), "newton_schulz")
+        flops = ns_flops(shapes, method)
+        plain = ns_flops(shapes, "newton_schulz")
+        top = ceiling["f16" if resolve_method(method) == "gram" else "bf16"]
         rows.append(
             {
                 "engine": name,
                 "ms": ms,
                 "TFLOP/s": flops / ms / 1e9,
-                "% of matmul": 100 * flops / ms / 1e9 / ceiling,
+                "% of ceiling": 100 * flops / ms / 1e9 / top,
+                "floor ms": flops / top / 1e9,
                 "plain-equivalent TFLOP/s": plain / ms / 1e9,
             }
         )
     return rows
 
 
-def bench_wide(sizes: list[tuple[int, int]], iters: int, ceiling: float) -> list[dict[str, Any]]:
-    """Single large matrices (the sizes of a 4096-wide Llama layer): where the ≥ 90%-of-matmul target applies."""
+def block_tiles(model: Model, grid: tuple[int, int]) -> list[tuple[int, int]]:
+    """The tiles a block step with `block_grid=grid` orthogonalizes on one device."""
+    r, c = grid
+    return [(rows // r, cols // c) for rows, cols in model.matrix_shapes()] * (r * c)
+
+
+def bench_wide(
+    sizes: list[tuple[int, int]], iters: int, ceiling: dict[str, float]
+) -> list[dict[str, Any]]:
+    """Single large matrices (the sizes of a 4096-wide Llama layer)."""
     rows = []
     for m, n in sizes:
         x = jax.random.normal(jax.random.key(m + n), (m, n), jnp.float32)
@@ -214,7 +244,11 @@ def bench_wide(sizes: list[tuple[int, int]], iters: int, ceiling: float) -> list
                     "method": method if used else f"{method} (falls back to plain)",
                     "ms": ms,
                     "TFLOP/s": flops / ms / 1e9 if used else None,
-                    "% of matmul": 100 * flops / ms / 1e9 / ceiling if used else None,
+                    "% of ceiling": (
+                        100 * flops / ms / 1e9 / ceiling["f16" if method == "gram" else "bf16"]
+                        if used
+                        else None
+                    ),
                 }
             )
     return rows
@@ -249,11 +283,16 @@ def optax_orthogonalize(x: jax.Array) -> jax.Array:
 
 QUALITY_METHODS = {
     "optax.contrib.muon NS (f32)": optax_orthogonalize,
-    "plain jordan bf16": functools.partial(muonbp_jax.orthogonalize, ns_coeffs="jordan"),
-    "plain polar_express bf16": functools.partial(
-        muonbp_jax.orthogonalize, ns_coeffs="polar_express"
+    "defaults (polar_express, auto)": muonbp_jax.orthogonalize,
+    "plain jordan bf16": functools.partial(
+        muonbp_jax.orthogonalize, ns_coeffs="jordan", method="newton_schulz"
     ),
-    "gram jordan f16": functools.partial(muonbp_jax.orthogonalize, method="gram"),
+    "plain polar_express bf16": functools.partial(
+        muonbp_jax.orthogonalize, ns_coeffs="polar_express", method="newton_schulz"
+    ),
+    "gram jordan f16": functools.partial(
+        muonbp_jax.orthogonalize, ns_coeffs="jordan", method="gram"
+    ),
     "gram polar_express f16": functools.partial(
         muonbp_jax.orthogonalize, ns_coeffs="polar_express", method="gram"
     ),
@@ -293,58 +332,73 @@ def bench_quality(m: int, n: int) -> list[dict[str, Any]]:
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One optimizer to time: built by `make` (under `patches`, (object, attribute, value)
-    replaced while it is built and compiled); `kind` says how to count its NS FLOPs."""
+    """One optimizer to time, built by `make`; `kind` says how to count its NS FLOPs."""
 
     make: Callable[[], optax.GradientTransformation]
-    kind: str = ""  # 'plain', 'gram', 'f32' (optax), 'block:r,c' or '' (none)
-    patches: tuple[tuple[Any, str, Any], ...] = ()
+    kind: str = ""  # 'auto', 'plain', 'gram', 'f32' (optax), 'block[-plain]:r,c', '' (none)
 
 
 def optimizers(model: Model) -> dict[str, Run]:
     dims = routing(model)
     mb = functools.partial(muonbp_jax.muonbp, LR, muon_weight_dimension_numbers=dims)
-    fast = {"ns_coeffs": "polar_express", "ns_method": "gram"}
+    old = {"ns_coeffs": "jordan", "ns_method": "newton_schulz"}  # the defaults before 0.3
     return {
         "optax.contrib.muon": Run(
             lambda: optax.contrib.muon(LR, muon_weight_dimension_numbers=dims), "f32"
         ),
         "optax.adamw": Run(lambda: optax.adamw(LR)),
-        "muonbp P=1 jordan plain": Run(lambda: mb(period=1), "plain"),
-        "muonbp P=1 polar_express plain": Run(
-            lambda: mb(period=1, ns_coeffs="polar_express"), "plain"
+        "momentum SGD + AdamW (the elementwise passes, no Newton-Schulz)": Run(
+            lambda: elementwise_floor(dims)
         ),
-        "muonbp P=1 jordan gram": Run(lambda: mb(period=1, ns_method="gram"), "gram"),
-        "muonbp P=1 polar_express gram": Run(lambda: mb(period=1, **fast), "gram"),
-        "muonbp P=1 polar_express gram mu=bf16": Run(
-            lambda: mb(period=1, mu_dtype=jnp.bfloat16, **fast), "gram"
+        "muonbp P=1 defaults": Run(lambda: mb(period=1), "auto"),
+        "muonbp P=1 plain jordan (0.2 defaults)": Run(lambda: mb(period=1, **old), "plain"),
+        "muonbp P=1 plain polar_express": Run(
+            lambda: mb(period=1, ns_coeffs="polar_express", ns_method="newton_schulz"), "plain"
         ),
-        "muonbp block (1,8) polar_express gram": Run(
-            lambda: mb(period=None, block_grid=(1, 8), **fast), "block:1,8"
+        "muonbp P=1 defaults mu=bf16": Run(lambda: mb(period=1, mu_dtype=jnp.bfloat16), "auto"),
+        "muonbp block (1,8) defaults": Run(
+            lambda: mb(period=None, block_grid=(1, 8)), "block:1,8"
         ),
-        "muonbp block (8,1) polar_express gram": Run(
-            lambda: mb(period=None, block_grid=(8, 1), **fast), "block:8,1"
+        "muonbp block (1,8) plain jordan (0.2 defaults)": Run(
+            lambda: mb(period=None, block_grid=(1, 8), **old), "block-plain:1,8"
+        ),
+        "muonbp block (8,1) defaults": Run(
+            lambda: mb(period=None, block_grid=(8, 1)), "block:8,1"
         ),
     }
 
 
-def overheads(model: Model) -> dict[str, Run]:
-    """Where the time of `muonbp P=1 polar_express gram` goes beyond Newton–Schulz: the same
-    update with one piece changed at a time."""
-    dims = routing(model)
-    fast = lambda: muonbp_jax.muonbp(
-        LR,
-        period=1,
-        ns_coeffs="polar_express",
-        ns_method="gram",
-        muon_weight_dimension_numbers=dims,
+def elementwise_floor(dims: Any) -> optax.GradientTransformation:
+    """Nesterov momentum SGD on the Muon matrices (AdamW on the rest): the same passes over
+    memory as a muonbp update without its Newton–Schulz; a yardstick built from optax alone."""
+    labels = lambda params: jax.tree.map(
+        lambda d: "muon" if d is not None else "adam",
+        dims,
+        is_leaf=lambda x: x is None or isinstance(x, MuonDimensionNumbers),
     )
+    muon_like = optax.chain(
+        optax.trace(0.95, nesterov=True), optax.add_decayed_weights(0.0), optax.scale(-LR)
+    )
+    return optax.partition({"muon": muon_like, "adam": optax.adamw(LR)}, labels)
+
+
+def diagnostics_runs(model: Model) -> dict[str, Run]:
+    """The cost of `diagnostics=`: each configuration with it off and on, in one run."""
+    dims = routing(model)
+    mb = functools.partial(muonbp_jax.muonbp, LR, muon_weight_dimension_numbers=dims)
+    few = muonbp_jax.Diagnostics(iterations=2)
     return {
-        "without the weight-decay pass (weight_decay=0)": Run(
-            fast, "gram", ((optax, "add_decayed_weights", lambda *a, **k: optax.identity()),)
+        "muonbp P=1 defaults": Run(lambda: mb(period=1), "auto"),
+        "muonbp P=1 diagnostics=True": Run(lambda: mb(period=1, diagnostics=True), "auto"),
+        "muonbp P=1 diagnostics iterations=2": Run(lambda: mb(period=1, diagnostics=few), "auto"),
+        "muonbp block (1,8) defaults": Run(
+            lambda: mb(period=None, block_grid=(1, 8)), "block:1,8"
         ),
-        "no Newton-Schulz, no concatenation (elementwise work only)": Run(
-            fast, "", ((_steps, "orthogonalize_many", lambda ms, o: list(ms)),)
+        "muonbp block (1,8) diagnostics=True": Run(
+            lambda: mb(period=None, block_grid=(1, 8), diagnostics=True), "block:1,8"
+        ),
+        "muonbp block (1,8) diagnostics iterations=2": Run(
+            lambda: mb(period=None, block_grid=(1, 8), diagnostics=few), "block:1,8"
         ),
     }
 
@@ -355,7 +409,7 @@ def strategies(model: Model) -> dict[str, Run]:
     specs = jax.tree.map(
         lambda s: P(None, "model") if len(s) == 2 else P(), model.shapes(), is_leaf=is_shape
     )
-    kw = {"ns_coeffs": "polar_express", "ns_method": "gram", "specs": specs, "mesh": mesh}
+    kw = {"specs": specs, "mesh": mesh}
     dims = routing(model)
     return {
         f"muonbp P=1 full_strategy={s} (1-device mesh)": Run(
@@ -367,21 +421,24 @@ def strategies(model: Model) -> dict[str, Run]:
                 full_strategy=s,
                 **kw,
             ),
-            "gram",
+            "auto",
         )
         for s in muonbp_jax.FULL_STRATEGIES
     }
 
 
 def update_flops(model: Model, kind: str) -> float | None:
+    """Newton–Schulz FLOPs of one update (`auto`: the method the defaults pick here)."""
+    if kind == "auto":
+        kind = "gram" if resolve_method("auto") == "gram" else "plain"
     if kind in ("plain", "f32"):
         return ns_flops(model.matrix_shapes(), "newton_schulz")
     if kind == "gram":
         return ns_flops(model.matrix_shapes(), "gram")
-    if kind.startswith("block:"):
-        r, c = map(int, kind[6:].split(","))
-        tiles = [(rows // r, cols // c) for rows, cols in model.matrix_shapes()] * (r * c)
-        return ns_flops(tiles, "gram")
+    if kind.startswith("block"):
+        grid = tuple(int(v) for v in kind.split(":")[1].split(","))
+        plain = kind.startswith("block-plain") or resolve_method("auto") != "gram"
+        return ns_flops(block_tiles(model, grid), "newton_schulz" if plain else "gram")
     return None
 
 
@@ -393,12 +450,9 @@ def bench_updates(
     rows = []
     for name in _timing.progress(list(runs), "updates"):
         run = runs[name]
-        with contextlib.ExitStack() as stack:
-            for obj, attr, value in run.patches:
-                stack.enter_context(mock.patch.object(obj, attr, value))
-            tx = run.make()
-            state = jax.jit(tx.init)(params)
-            compiled = jax.jit(tx.update).lower(grads, state, params).compile()
+        tx = run.make()
+        state = jax.jit(tx.init)(params)
+        compiled = jax.jit(tx.update).lower(grads, state, params).compile()
         ms = _timing.median_ms(compiled, grads, state, params, iters=iters, warmup=warmup)
         memory = _timing.compiled_memory(compiled)
         flops = update_flops(model, run.kind)
@@ -416,6 +470,14 @@ def bench_updates(
     return rows
 
 
+def period_section(small: bool) -> list[dict[str, Any]]:
+    """bench_period's loop at the defaults (block steps emulated with block_grid (1, 8))."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_period
+
+    return bench_period.measure(small=small)["rows"]
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -428,7 +490,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--skip",
         default="",
-        help="comma-separated sections to skip: engines,wide,quality,updates,strategies,overheads",
+        help="comma-separated sections to skip: "
+        "engines,block_engines,wide,quality,updates,strategies,diagnostics,period",
     )
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -446,12 +509,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"matmul {shape}: {tflops:.0f} TFLOP/s")
     print(f"ceiling (best of the above): bf16 {ceiling['bf16']:.0f}, f16 {ceiling['f16']:.0f}")
     sections = {
-        "engines": lambda: bench_engines(model, args.iters, ceiling["bf16"]),
-        "wide": lambda: bench_wide(wide, 2 * args.iters, ceiling["bf16"]),
+        "engines": lambda: bench_engines(model.matrix_shapes(), args.iters, ceiling),
+        # What a block step with block_grid (1, 8) orthogonalizes: its Newton-Schulz floor.
+        "block_engines": lambda: bench_engines(
+            block_tiles(model, (1, 8)), args.iters, ceiling, BLOCK_ENGINES
+        ),
+        "wide": lambda: bench_wide(wide, 2 * args.iters, ceiling),
         "quality": lambda: bench_quality(*quality_shape),
         "updates": lambda: bench_updates(model, optimizers(model), args.iters, args.warmup),
         "strategies": lambda: bench_updates(model, strategies(model), args.iters, args.warmup),
-        "overheads": lambda: bench_updates(model, overheads(model), args.iters, args.warmup),
+        "diagnostics": lambda: bench_updates(
+            model, diagnostics_runs(model), args.iters, args.warmup
+        ),
+        "period": lambda: period_section(args.small),
     }
     for name, run in sections.items():
         if name not in skip:
@@ -465,7 +535,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for r in [
             *results["updates"],
             *results.get("strategies", []),
-            *results.get("overheads", []),
+            *results.get("diagnostics", []),
         ]:
             r["speedup vs optax muon"] = base / r["ms"]
     stats = jax.devices()[0].memory_stats() or {}
@@ -473,8 +543,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _timing.write_json(args.out, results)
 
     columns = {
-        "engines": ["engine", "ms", "TFLOP/s", "% of matmul", "plain-equivalent TFLOP/s"],
-        "wide": ["matrix", "method", "ms", "TFLOP/s", "% of matmul"],
+        "engines": ["engine", "ms", "floor ms", "TFLOP/s", "% of ceiling", "plain-equivalent TFLOP/s"],
+        "wide": ["matrix", "method", "ms", "TFLOP/s", "% of ceiling"],
         "quality": [
             "spectrum",
             "method",
@@ -486,7 +556,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ],
         "updates": ["update", "ms", "speedup vs optax muon", "NS TFLOP/s", "peak GB", "state GB"],
     }
-    columns["strategies"] = columns["overheads"] = columns["updates"]
+    columns["block_engines"] = columns["engines"]
+    columns["strategies"] = columns["diagnostics"] = columns["updates"]
+    columns["period"] = ["update", "alone ms", "in P loop ms", "overhead ms"]
     print()
     for name, cols in columns.items():
         if name in results:

@@ -80,6 +80,12 @@ def is_full_step(count: jax.Array, period: Period) -> jax.Array | bool:
     return jnp.asarray(count) % period == 0
 
 
+def _platform(mesh: Mesh | None) -> str | None:
+    """The platform of a concrete mesh's devices (None for no mesh or an abstract one)."""
+    devices = getattr(mesh, "devices", None) if isinstance(mesh, jax.sharding.Mesh) else None
+    return devices.flat[0].platform if devices is not None and devices.size else None
+
+
 def shape_scale(rows: int, cols: int, consistent_rms: float | None) -> float:
     """Update multiplier for an orthogonalized rows×cols matrix (rows = fan-in).
 
@@ -208,7 +214,7 @@ def _check_mu_dtype(params, mu_dtype) -> None:
 
 
 def scale_by_muonbp(
-    ns_coeffs: Coeffs = "jordan",
+    ns_coeffs: Coeffs = "polar_express",
     ns_steps: int | None = None,
     beta: float = 0.95,
     eps: float = 1e-8,
@@ -225,7 +231,7 @@ def scale_by_muonbp(
     mesh: Mesh | None = None,
     block_grid: BlockGrid = None,
     full_strategy: FullStrategy = "auto",
-    ns_method: Method = "newton_schulz",
+    ns_method: Method = "auto",
     block_lr_rule: BlockLrRule = DEFAULT_BLOCK_LR_RULE,
     diagnostics: DiagnosticsOption = False,
 ) -> optax.GradientTransformation:
@@ -234,8 +240,9 @@ def scale_by_muonbp(
     Every leaf it sees is a matrix leaf (use `muonbp` for routing other leaves to AdamW).
 
     Args:
-      ns_coeffs: Newton–Schulz coefficients: a preset (`"jordan"`, `"polar_express"`,
-        `"dion"`, `"standard"`), one (a, b, c) triple, or a (steps, 3) table.
+      ns_coeffs: Newton–Schulz coefficients: a preset (`"polar_express"`, the default;
+        `"jordan"` = `"standard"`, optax's default; `"dion"`), one (a, b, c) triple, or a
+        (steps, 3) table.
       ns_steps: Newton–Schulz iterations (default 5); static.
       beta: momentum decay (EMA with bias correction, as in optax).
       eps: added to the Newton–Schulz normalizer.
@@ -264,7 +271,9 @@ def scale_by_muonbp(
         `"auto"` (all-to-all for groups of 2 or more, gather for a lone matrix).
       ns_method: `"newton_schulz"` iterates on each matrix X; `"gram"` computes the same
         polynomial on the smaller XXᵀ (float16 in place of bfloat16), fewer FLOPs for matrices
-        at least twice as wide as tall (see `muonbp_jax.orthogonalize`).
+        at least twice as wide as tall (see `muonbp_jax.orthogonalize`); `"auto"` (default):
+        `"gram"` on GPUs, `"newton_schulz"` on TPUs and CPUs, for the platform of the mesh's
+        devices (jax's default backend without a concrete mesh), decided at trace time.
       block_lr_rule: how block updates are scaled relative to full ones, per leaf, from the
         number and shape of its blocks (see `block_lr_factor`); `"none"` scales both alike.
       diagnostics: record what each update did in the state's `diagnostics` field (a
@@ -352,6 +361,7 @@ def scale_by_muonbp(
             preconditioning=preconditioning,
             dtype=ns_dtype,
             method=ns_method,
+            platform=_platform(the_mesh),
         )
 
         # Each branch forms the direction from (momentum, gradient) itself and returns the
@@ -481,7 +491,7 @@ def default_muon_labels(params: Any) -> Any:
 
 def muonbp(
     learning_rate: optax.ScalarOrSchedule,
-    ns_coeffs: Coeffs = "jordan",
+    ns_coeffs: Coeffs = "polar_express",
     ns_steps: int | None = None,
     beta: float = 0.95,
     eps: float = 1e-8,
@@ -506,7 +516,7 @@ def muonbp(
     mesh: Mesh | None = None,
     block_grid: BlockGrid = None,
     full_strategy: FullStrategy = "auto",
-    ns_method: Method = "newton_schulz",
+    ns_method: Method = "auto",
     block_lr_rule: BlockLrRule = DEFAULT_BLOCK_LR_RULE,
     diagnostics: DiagnosticsOption = False,
 ) -> optax.GradientTransformationExtraArgs:

@@ -18,7 +18,7 @@ import numpy as np
 
 Coeffs = str | Sequence[float] | Sequence[Sequence[float]] | np.ndarray | jax.Array
 Preconditioning = Literal["frobenius", "spectral", "aol", "schatten"]
-Method = Literal["newton_schulz", "gram"]
+Method = Literal["auto", "newton_schulz", "gram"]
 
 # Keller Jordan's quintic coefficients (modded-nanogpt, 2024), repeated every step.
 _JORDAN = (3.4445, -4.7750, 2.0315)
@@ -59,6 +59,20 @@ NS_COEFFS_PRESETS: dict[str, tuple] = {
 }
 PRECONDITIONINGS: tuple[str, ...] = get_args(Preconditioning)
 NS_METHODS: tuple[str, ...] = get_args(Method)
+# What `method="auto"` runs on each backend. On GPUs the Gram form: it iterates in float16,
+# which GPUs multiply as fast as bfloat16, and saves FLOPs on wide matrices (benchmarks/
+# RESULTS.md). TPUs have no fast float16 matmul and bfloat16 is too coarse for the Gram
+# recursion, so they keep the plain iteration; so do CPUs, where the fake-device meshes of tests
+# and examples run and matrices are small (the Gram form was measured up to ~30% faster on wide
+# CPU matrices and no faster on square ones, noise included).
+AUTO_METHODS: dict[str, str] = {"gpu": "gram", "cuda": "gram", "rocm": "gram"}
+
+
+def resolve_method(method: Method, platform: str | None = None) -> str:
+    """The method `"auto"` stands for on `platform` (default: jax's default backend)."""
+    if method != "auto":
+        return method
+    return AUTO_METHODS.get(platform or jax.default_backend(), "newton_schulz")
 
 
 def coefficient_schedule(ns_coeffs: Coeffs, ns_steps: int) -> np.ndarray:
@@ -203,21 +217,23 @@ class NewtonSchulz:
     eps: float = 1e-8
     preconditioning: Preconditioning = "frobenius"
     dtype: jnp.dtype = jnp.dtype(jnp.bfloat16)
-    method: Method = "newton_schulz"
+    method: str = "newton_schulz"  # resolved: "newton_schulz" or "gram"
 
     @classmethod
     def create(
         cls,
-        ns_coeffs: Coeffs = "jordan",
+        ns_coeffs: Coeffs = "polar_express",
         ns_steps: int = 5,
         *,
         eps: float = 1e-8,
         preconditioning: Preconditioning = "frobenius",
         dtype: jnp.dtype | None = jnp.bfloat16,
-        method: Method = "newton_schulz",
+        method: Method = "auto",
+        platform: str | None = None,
     ) -> NewtonSchulz:
         if method not in NS_METHODS:
             raise ValueError(f"Unknown Newton–Schulz method {method!r}; use one of {NS_METHODS}.")
+        method = resolve_method(method, platform)
         if preconditioning not in PRECONDITIONINGS:
             raise ValueError(
                 f"Unknown preconditioning {preconditioning!r}; use one of {PRECONDITIONINGS}."
@@ -244,7 +260,7 @@ class NewtonSchulz:
     def prepare(self, x: jax.Array) -> jax.Array:
         """(..., m, n) → wide (..., min, max), normalized, in the iteration's dtype."""
         if x.shape[-2] > x.shape[-1]:
-            x = jnp.swapaxes(x, -1, -2)  # the transpose, not Xᴴ: NS(Xᵀ) = NS(X)ᵀ for complex X too
+            x = jnp.swapaxes(x, -1, -2)  # not Xᴴ: NS(Xᵀ) = NS(X)ᵀ for complex X too
         if jnp.iscomplexobj(x):
             dtype = self.compute_dtype(*x.shape[-2:], complex_input=True)
             return _precondition(x.astype(dtype), self.preconditioning, self.eps)
@@ -273,13 +289,13 @@ class NewtonSchulz:
 
 def orthogonalize(
     x: jax.Array,
-    ns_coeffs: Coeffs = "jordan",
+    ns_coeffs: Coeffs = "polar_express",
     ns_steps: int = 5,
     *,
     eps: float = 1e-8,
     preconditioning: Preconditioning = "frobenius",
     dtype: jnp.dtype | None = jnp.bfloat16,
-    method: Method = "newton_schulz",
+    method: Method = "auto",
 ) -> jax.Array:
     """Approximately orthogonalizes the last two axes of `x` by Newton–Schulz iterations.
 
@@ -327,8 +343,10 @@ def orthogonalize_many(matrices: Sequence[jax.Array], ns: NewtonSchulz) -> list[
 
     Each array is prepared on its own (wide form, normalized, cast), so an m×n and an n×m share
     an iteration and what is concatenated is already in the iteration's dtype. The results come
-    back in that dtype (bfloat16 by default): the caller casts, where the cast can fuse with
-    what follows.
+    back in `ns.dtype` (bfloat16 by default; Gram results computed in float16 are rounded to
+    it, so that every shape, and both kinds of MuonBP step, return one dtype; complex results
+    stay in their complex iteration dtype): the caller casts
+    further where the cast can fuse with what follows.
     """
     prepared = [ns.prepare(m) for m in matrices]
     groups: dict[tuple[int, int, jnp.dtype], list[int]] = {}
@@ -338,6 +356,8 @@ def orthogonalize_many(matrices: Sequence[jax.Array], ns: NewtonSchulz) -> list[
     for members in groups.values():
         parts = [prepared[i] for i in members]
         result = ns.iterate(jnp.concatenate(parts) if len(parts) > 1 else parts[0])
+        if not jnp.iscomplexobj(result):  # complex has no half precision: stays complex64
+            result = result.astype(ns.dtype)
         offsets = np.cumsum([0] + [p.shape[0] for p in parts])
         for i, lo, hi in zip(members, offsets[:-1], offsets[1:]):
             out[i] = result if len(parts) == 1 else result[lo:hi]

@@ -8,11 +8,25 @@ from __future__ import annotations
 
 import numpy as np
 
-# Keller Jordan's quintic coefficients (modded-nanogpt, 2024), used at every step.
+# Keller Jordan's quintic coefficients (modded-nanogpt, 2024), used at every step; optax's default.
 JORDAN = (3.4445, -4.7750, 2.0315)
+# Per-step table of the degree-5 Polar Express (Amsel et al. 2025, arXiv 2505.16932,
+# Algorithm 1), first five steps, each divided by (1.01, 1.01³, 1.01⁵) as the paper does; the
+# package's default.
+POLAR_EXPRESS = np.array(
+    [
+        (8.28721201814563, -23.595886519098837, 17.300387312530933),
+        (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+        (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+        (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+        (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+    ]
+) / np.array([1.01, 1.01**3, 1.01**5])
 
 
-def newton_schulz(x: np.ndarray, coeffs=JORDAN, steps: int = 5, eps: float = 1e-8) -> np.ndarray:
+def newton_schulz(
+    x: np.ndarray, coeffs=POLAR_EXPRESS, steps: int = 5, eps: float = 1e-8
+) -> np.ndarray:
     """Frobenius-normalized quintic Newton–Schulz of one matrix, in float64.
 
     `coeffs` is one (a, b, c) triple repeated `steps` times or a per-step table.

@@ -29,9 +29,10 @@ MUON = {
 }
 SPECS = {"bias": P("model"), **{name: spec for name, (_, spec, _) in MUON.items()}}
 SHAPES = {"bias": (32,), **{name: shape for name, (shape, _, _) in MUON.items()}}
-# Relative error against float64 allowed for the default bfloat16 Newton–Schulz: a block update
-# differs from a full one by > 40%, and a zero update by 100%.
-TOLERANCE = 0.1
+# Relative error against float64 allowed for the default bfloat16 Newton–Schulz (Polar Express,
+# whose first step multiplies by up to 23 and amplifies bfloat16 rounding: 0.100-0.102 measured
+# here): a block update differs from a full one by > 40%, and a zero update by 100%.
+TOLERANCE = 0.15
 
 
 def _grads(seed: int, scale: float = 1.0) -> dict[str, np.ndarray]:

@@ -39,9 +39,11 @@ DIMS = {
     for name, (shape, _, _) in LAYOUTS.items()
 }
 # Relative Frobenius error allowed against the float64 reference, per Newton–Schulz dtype. bf16
-# rounding, amplified by five iterations, gives up to ~7% on these small matrices; a block
-# update differs from the full one by more than 40%, so either bound tells the two apart.
-TOLERANCE = {jnp.float32: 1e-4, jnp.bfloat16: 0.1}
+# rounding, amplified by five iterations, gives up to ~7% on these small matrices with Jordan's
+# coefficients and up to ~10% with the default Polar Express (its first step multiplies by up to
+# 23); a block update differs from the full one by more than 40%, so either bound tells the two
+# apart.
+TOLERANCE = {jnp.float32: 1e-4, jnp.bfloat16: 0.15}
 COLLECTIVE = re.compile(r"\b(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)")
 
 

@@ -10,17 +10,7 @@ import pytest
 import muonbp_jax
 from tests import _reference as ref
 
-# Per-step table of the degree-5 Polar Express (Amsel et al. 2025, arXiv 2505.16932,
-# Algorithm 1), first five steps, each divided by (1.01, 1.01³, 1.01⁵) as the paper does.
-_PE = np.array(
-    [
-        (8.28721201814563, -23.595886519098837, 17.300387312530933),
-        (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
-        (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
-        (3.3184196573706015, -2.488488024314874, 0.51004894012372),
-        (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
-    ]
-) / np.array([1.01, 1.01**3, 1.01**5])
+_PE = ref.POLAR_EXPRESS
 RNG = np.random.default_rng(0)
 
 

@@ -83,7 +83,8 @@ KWARGS = {
 @pytest.mark.parametrize("kw", KWARGS.values(), ids=KWARGS.keys())
 def test_period_one_is_optax_muon(kw):
     kw = {"muon_weight_dimension_numbers": DIMS, "consistent_rms": None} | kw
-    ours = muonbp_jax.muonbp(LR, period=1, ns_dtype=jnp.float32, **kw)
+    # optax's default coefficients are Jordan's ("standard"); ours are Polar Express.
+    ours = muonbp_jax.muonbp(LR, period=1, ns_dtype=jnp.float32, **({"ns_coeffs": "standard"} | kw))
     theirs = optax.contrib.muon(LR, **kw)
     params = _tree(0)
     _assert_same_updates(_run(ours, params), _run(theirs, params))
@@ -104,7 +105,11 @@ def test_period_one_is_optax_muon_on_a_sharded_explicit_mesh():
     kw = {"muon_weight_dimension_numbers": DIMS, "consistent_rms": 0.2}
     params = _tree(0)
     with jax.set_mesh(mesh):
-        ours = _run(muonbp_jax.muonbp(LR, period=1, ns_dtype=jnp.float32, **kw), params, put)
+        ours = _run(
+            muonbp_jax.muonbp(LR, period=1, ns_dtype=jnp.float32, ns_coeffs="standard", **kw),
+            params,
+            put,
+        )
     theirs = _run(optax.contrib.muon(LR, **kw), params)
     _assert_same_updates(ours, theirs)
 

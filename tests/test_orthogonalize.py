@@ -22,13 +22,21 @@ def _polar(x: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    ("dtype", "tolerance"), [(jnp.float32, 1e-5), (jnp.bfloat16, 0.1)], ids=["f32", "bf16"]
+    ("dtype", "tolerance"), [(jnp.float32, 1e-5), (jnp.bfloat16, 0.15)], ids=["f32", "bf16"]
 )
 @pytest.mark.parametrize("x", [WIDE, TALL], ids=["wide", "tall"])
 def test_matches_float64_reference(x, dtype, tolerance):
-    out = muonbp_jax.orthogonalize(jnp.asarray(x), dtype=dtype)
+    # The defaults (Polar Express): its first step multiplies by up to 23, which amplifies
+    # bfloat16 rounding (measured 0.103 here) more than Jordan's coefficients do (below).
+    out = muonbp_jax.orthogonalize(jnp.asarray(x), dtype=dtype, method="newton_schulz")
     assert out.dtype == jnp.float32 and out.shape == x.shape
     assert ref.relative_error(out, ref.newton_schulz(x)) < tolerance
+
+
+@pytest.mark.parametrize("x", [WIDE, TALL], ids=["wide", "tall"])
+def test_jordan_in_bfloat16_matches_float64_reference(x):
+    out = muonbp_jax.orthogonalize(jnp.asarray(x), "jordan", dtype=jnp.bfloat16)
+    assert ref.relative_error(out, ref.newton_schulz(x, ref.JORDAN)) < 0.1
 
 
 def test_leading_axes_are_independent_batches():
