@@ -18,6 +18,7 @@ from muonbp_jax._muonbp import muonbp
 from muonbp_jax._muonbp import scale_by_muonbp
 from muonbp_jax._muonbp import scale_by_step_learning_rate
 from muonbp_jax._muonbp import shape_scale
+from muonbp_jax._newton_schulz import AUTO_METHODS
 from muonbp_jax._newton_schulz import NS_COEFFS_PRESETS
 from muonbp_jax._newton_schulz import orthogonalize
 from muonbp_jax._placement import partition_specs
@@ -25,9 +26,10 @@ from muonbp_jax._steps import FULL_STRATEGIES
 from muonbp_jax._steps import FullStrategy
 from optax.contrib import MuonDimensionNumbers  # re-exported for per-leaf dimension numbers
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
+    "AUTO_METHODS",
     "BLOCK_LR_RULES",
     "FULL_STRATEGIES",
     "NS_COEFFS_PRESETS",

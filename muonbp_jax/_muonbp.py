@@ -523,9 +523,11 @@ def muonbp(
     """MuonBP: Muon with block-periodic orthogonalization, AdamW for the other parameters.
 
     Takes every keyword of `optax.contrib.muon` with the same meaning; with `period=1`,
-    `ns_dtype=jnp.float32` and the same routing and `consistent_rms` it gives optax's updates.
-    Defaults that differ from optax: `consistent_rms=0.2` (RMS matching, as in the paper),
-    `ns_dtype=bfloat16`, and embeddings/output heads go to AdamW (`default_muon_labels`).
+    `ns_dtype=jnp.float32`, `ns_coeffs="standard"` and the same routing and `consistent_rms`
+    it gives optax's updates. Defaults that differ from optax: `consistent_rms=0.2` (RMS
+    matching, as in the paper), `ns_dtype=bfloat16`, `ns_coeffs="polar_express"`,
+    `ns_method="auto"` (the Gram form on GPUs), and embeddings/output heads go to AdamW
+    (`default_muon_labels`).
 
     Args:
       learning_rate: step size of full steps (and of AdamW unless `adam_learning_rate`).
