@@ -120,10 +120,11 @@ def plot(runs: dict[str, dict[str, Any]], path: Path, title: str) -> None:
 
 
 def plot_diagnostics(runs: dict[str, dict[str, Any]], path: Path, title: str) -> bool:
-    """For each optimizer that records diagnostics, against steps: the update's spectral norm
-    (of the whole matrices, solid, and the largest block's, dashed; max over matrices) and the
-    range of the Newton–Schulz output's singular values, full steps marked. Returns False
-    (and draws nothing) when no run records diagnostics."""
+    """For each optimizer that records diagnostics, against steps: the spectral norm of the
+    update U before the learning rate (of the whole matrices, solid; of the largest block on
+    block steps, dotted; max over matrices) and the range of the Newton–Schulz output's
+    singular values, full steps marked. Returns False (and draws nothing) when no run records
+    diagnostics."""
     shown = {
         name: m["steps"] for name, m in runs.items() if m["steps"] and "full_step" in m["steps"][0]
     }
@@ -138,33 +139,38 @@ def plot_diagnostics(runs: dict[str, dict[str, Any]], path: Path, title: str) ->
     for name, steps in shown.items():
         step = np.array([s["step"] for s in steps])
         full = np.array([s["full_step"] for s in steps]) > 0.5
-        lw = 1.6 if name == "muonbp" else 1.1
-        curves = (
-            (ax_norm, "update_spectral_max", "-", name),
-            (ax_norm, "block_spectral_max", ":", None),
-            (ax_sigma, "ns_sigma_max_max", "-", name),
-            (ax_sigma, "ns_sigma_min_min", "--", None),
+        value = lambda key, steps=steps: np.array([s[key] for s in steps], dtype=float)
+        # Markers where full and block steps alternate; a run of one kind says so in its label.
+        mark = full if 0 < full.sum() < len(full) else np.zeros_like(full)
+        label = name + {0: " (block steps only)", len(full): " (every step full)"}.get(
+            int(full.sum()), " (● full steps)"
         )
-        color = None
-        for ax, key, style, label in curves:
-            value = np.array([s[key] for s in steps], dtype=float)
-            (line,) = ax.plot(step, value, style, color=color, lw=lw, label=label)
-            color = line.get_color()
-            ax.plot(step[full], value[full], "o", color=color, ms=3.5)
+        lw = 1.6 if name == "muonbp" else 1.1
+        (line,) = ax_norm.plot(step, value("update_spectral_max"), lw=lw, label=label)
+        color = line.get_color()
+        block = np.where(full, np.nan, value("block_spectral_max"))  # = the whole on full steps
+        ax_norm.plot(step, block, ":", color=color, lw=lw)
+        curves = ((ax_norm, "update_spectral_max"), (ax_sigma, "ns_sigma_max_max"))
+        ax_sigma.plot(step, value("ns_sigma_max_max"), "-", color=color, lw=lw, label=label)
+        ax_sigma.plot(step, value("ns_sigma_min_min"), "--", color=color, lw=lw)
+        curves += ((ax_sigma, "ns_sigma_min_min"),)
+        for ax, key in curves:
+            ax.plot(step[mark], value(key)[mark], "o", color=color, ms=3.5)
     for ax in (ax_norm, ax_sigma):
-        ax.plot([], [], "o", color="gray", ms=3.5, label="full steps")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="center right")
     ax_norm.set(
         xlabel="step",
-        ylabel="spectral norm of U (max over matrices)",
-        title="update U: whole matrix (solid), largest block (dotted)",
+        ylabel="spectral norm (max over matrices)",
+        title="update before the learning rate: whole matrix (solid), largest block (dotted)",
     )
     ax_sigma.set(
         xlabel="step",
         ylabel="singular value",
-        title="Newton–Schulz output O: σ_max (solid), σ_min (dashed)",
+        title="Newton–Schulz output: σ_max (solid), σ_min (dashed)",
     )
+    for ax in (ax_norm, ax_sigma):
+        ax.title.set_fontsize(10)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
