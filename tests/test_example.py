@@ -70,7 +70,9 @@ def test_command_smoke(tmp_path):
     with MuonBP's diagnostics in the CSV (period 2: updates 0 and 2 are full steps)."""
     names = ["muonbp", "adamw"]
     out = tmp_path / "out"
-    proc = run_cli("--compare", ",".join(names), *TINY_FLAGS, "--period", "2", "--out", str(out))
+    proc = run_cli(
+        "--compare", ",".join(names), *TINY_FLAGS, "--period", "2", "--diagnostics", "--out", str(out)
+    )
     assert proc.returncode == 0, proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.startswith("|")]
     assert [r.split("|")[1].strip() for r in rows[2:]] == names
@@ -142,13 +144,14 @@ def test_resume_continues_exactly(tmp_path, small_corpus):
     the uninterrupted run's parameters bit for bit: the same compiled step on CPU is
     deterministic, the checkpoint restores every array exactly, and batches depend only on
     (seed, step)."""
-    config = Config(optimizer="muonbp", period=2, **TINY)
+    config = Config(optimizer="muonbp", period=2, diagnostics=True, **TINY)
     whole = train(config, corpus=small_corpus, progress=False, return_params=True)
     assert whole["steps"][-1]["train_loss"] < whole["steps"][0]["train_loss"]
 
     ckpt = Config(
         optimizer="muonbp",
         period=2,
+        diagnostics=True,
         checkpoint_every=3,
         checkpoint_dir=str(tmp_path / "ckpt"),
         **TINY,
@@ -193,13 +196,11 @@ def test_bad_arguments_one_line(args, message, tmp_path):
     assert last.startswith("train_lm.py: error:") and message in last, proc.stderr
 
 
-def test_parameter_count_matches_the_model():
+def test_parameter_count_matches_the_model(mesh):
     from flax import nnx
-    from jax.sharding import AxisType
     from lm.model import GPT, ModelConfig
 
     cfg = ModelConfig(seq=16, d_model=32, layers=3, heads=4)
-    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
     with jax.set_mesh(mesh):
         model = nnx.eval_shape(lambda: GPT(cfg, nnx.Rngs(0)))
     sizes = {

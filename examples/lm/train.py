@@ -52,7 +52,7 @@ class Config:
     block_lr_rule: str | None = None  # MuonBP's block step-size rule; None: the library's
     block_lr_ratio: float = 1.0  # a study knob: block_learning_rate = ratio × lr (1: none)
     full_strategy: str = "auto"  # how MuonBP orthogonalizes whole matrices on full steps
-    diagnostics: bool = True  # the MuonBP family records optimizers.DIAGNOSTICS each step
+    diagnostics: bool = False  # True: the MuonBP family records optimizers.DIAGNOSTICS each step
     weight_decay: float = 0.0
     seed: int = 0
     data: str | None = None  # None: the Python standard library's sources
