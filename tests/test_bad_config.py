@@ -3,20 +3,14 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import muonbp_jax
-
-
-@pytest.fixture(scope="module")
-def mesh():
-    return jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+from tests import _fixtures as fx
 
 
 @pytest.mark.parametrize("period", [0, -1, 2.5, 2.0, "5", True, [5], (3,)])
@@ -47,9 +41,8 @@ def test_unknown_preconditioning_fails_at_construction(build):
         build(preconditioning="newton")
 
 
-def _params(mesh, specs: dict, shape=(16, 32), dtype=jnp.float32) -> dict:
-    put = lambda s: jax.device_put(jnp.ones(shape, dtype), NamedSharding(mesh, s))
-    return {"layer": {k: put(s) for k, s in specs.items()}}
+def _params(mesh, specs: dict, shape=(16, 32)) -> dict:
+    return {"layer": fx.put({k: np.ones(shape, np.float32) for k in specs}, mesh, specs)}
 
 
 LAYOUT = {"w": P(None, "model"), "x": P("data", None)}

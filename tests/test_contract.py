@@ -10,6 +10,7 @@ Each configuration is small: two matrices and a bias; block steps differ from fu
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import chex
 import jax
@@ -97,9 +98,16 @@ def f32(tree: dict) -> dict:
     return {k: v for k, v in tree.items() if DTYPES[k] == np.float32}
 
 
+@functools.cache
+def _setup(name: str) -> Setup:
+    """One Setup per configuration name for the whole module: a configuration used by several
+    tests (auto_mesh) compiles its init and update once."""
+    return Setup((CONFIGS | MESH_CONFIGS)[name])
+
+
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def setup(request) -> Setup:
-    return Setup(CONFIGS[request.param])
+    return _setup(request.param)
 
 
 def test_learning_rate_is_an_injectable_hyperparameter(setup):
@@ -129,9 +137,18 @@ def test_learning_rate_is_an_injectable_hyperparameter(setup):
             chex.assert_trees_all_close(f32(updates), f32(expected), rtol=1e-5, atol=1e-7)
 
 
-def test_multi_steps_accumulates_then_applies_the_mean(setup):
+# MultiSteps wraps the whole update in its own conditional and sees only what it returns, so
+# two configurations cover it: a block step (blockmuon) and a full step inside muonbp's
+# conditional on a sharded 2x4 mesh (auto_mesh). Each check compiles a third program per
+# configuration (after the plain and the injected ones); the other three add no case to it.
+MULTI_STEPS_CONFIGS = ["blockmuon", "auto_mesh"]
+
+
+@pytest.mark.parametrize("name", MULTI_STEPS_CONFIGS)
+def test_multi_steps_accumulates_then_applies_the_mean(name):
     """optax.MultiSteps(tx, 2): the first micro-step gives zeros, the second the plain
     optimizer's first update of the mean gradient, in the parameters' dtypes."""
+    setup = _setup(name)
     tx = optax.MultiSteps(setup.plain, every_k_schedule=2)
     with setup.context():
         params = setup.put(_grads(0))
@@ -174,7 +191,7 @@ def test_update_traces_once_and_keeps_dtypes(setup):
 def test_state_shardings_after_updates_equal_those_after_init(name):
     """The whole optimizer state (momentum, AdamW moments, counters) keeps the placement that
     init gave it, and that placement is the parameters' (not replicated) for every moment."""
-    setup = Setup(MESH_CONFIGS[name])
+    setup = _setup(name)
     with setup.context():
         params = setup.put(_grads(0))
         state = setup.init(params)

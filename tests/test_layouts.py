@@ -17,27 +17,19 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import muonbp_jax
-from muonbp_jax import MuonDimensionNumbers
+from muonbp_jax import MuonDimensionNumbers as Dims
 from tests import _fixtures as fx
 from tests import _reference as ref
 
-# name: (shape, spec, (row parts, col parts) of one device's block on the 2x4 mesh)
-LAYOUTS = {
-    "cols": ((16, 32), P(None, "model"), (1, 4)),
-    "rows": ((32, 16), P("model", None), (4, 1)),
-    "tiles": ((16, 32), P("data", "model"), (2, 4)),
-    "rows8": ((32, 16), P(("data", "model"), None), (8, 1)),
-    "replicated": ((16, 32), P(), (1, 1)),
-    "stacked": ((2, 16, 32), P(None, None, "model"), (1, 4)),
+# name: Layout(shape, spec, dimension numbers, (row parts, col parts) of one device's block on
+# the 2x4 mesh): the core layouts of tests/_fixtures.py and two with sharded batch axes.
+LAYOUTS = fx.LAYOUTS | {
     # Sharded batch axes: whole matrices per device (experts), or layers and columns.
-    "experts": ((4, 16, 32), P("model", None, None), (1, 1)),
-    "stacked_tp": ((2, 16, 32), P("data", None, "model"), (1, 4)),
+    "experts": fx.Layout((4, 16, 32), P("model", None, None), Dims(1, 2), (1, 1)),
+    "stacked_tp": fx.Layout((2, 16, 32), P("data", None, "model"), Dims(1, 2), (1, 4)),
 }
-SPECS = {name: spec for name, (_, spec, _) in LAYOUTS.items()}
-DIMS = {
-    name: MuonDimensionNumbers(1, 2) if len(shape) == 3 else MuonDimensionNumbers()
-    for name, (shape, _, _) in LAYOUTS.items()
-}
+SPECS = {name: layout.spec for name, layout in LAYOUTS.items()}
+DIMS = {name: layout.dims for name, layout in LAYOUTS.items()}
 # Relative Frobenius error allowed against the float64 reference, per Newton–Schulz dtype. bf16
 # rounding, amplified by five iterations, gives up to ~7% on these small matrices with Jordan's
 # coefficients and up to ~10% with the default Polar Express (its first step multiplies by up to
@@ -53,7 +45,7 @@ def _context(mode: AxisType, mesh):
 
 
 def _grads(seed: int) -> dict[str, np.ndarray]:
-    return fx.normal_tree(seed, {name: shape for name, (shape, _, _) in LAYOUTS.items()})
+    return fx.normal_tree(seed, {name: layout.shape for name, layout in LAYOUTS.items()})
 
 
 def _put(tree: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
@@ -68,7 +60,7 @@ def _expected(grads, kind: str) -> dict[str, np.ndarray]:
     """Reference update with learning rate 1: −(full or block update) of each matrix."""
     out = {}
     for name, g in grads.items():
-        parts = (1, 1) if kind == "full" else LAYOUTS[name][2]
+        parts = (1, 1) if kind == "full" else LAYOUTS[name].parts
         out[name] = -np.stack([ref.block_update(m, *parts) for m in _matrices(g)]).reshape(g.shape)
     return out
 

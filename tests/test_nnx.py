@@ -12,6 +12,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import muonbp_jax
+from tests import _fixtures as fx
 
 STEPS = 10
 
@@ -47,7 +48,7 @@ def train_step(model, optimizer, x, y):
 
 @pytest.mark.parametrize("mode", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
 def test_nnx_optimizer_trains_a_sharded_model(mode):
-    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(mode,) * 2)
+    mesh = fx.make_mesh(mode)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((64, 16)).astype(np.float32)
     y = np.tanh(x @ rng.standard_normal((16, 16))).astype(np.float32)
@@ -62,10 +63,8 @@ def test_nnx_optimizer_trains_a_sharded_model(mode):
         else:
             tx = muonbp_jax.muonbp(0.05, period=3)
         optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-        x, y = (
-            jax.device_put(x, NamedSharding(mesh, P())),
-            jax.device_put(y, NamedSharding(mesh, P())),
-        )
+        batch = fx.put({"x": x, "y": y}, mesh, {"x": P(), "y": P()})
+        x, y = batch["x"], batch["y"]
         losses = [
             float(jax.block_until_ready(train_step(model, optimizer, x, y))) for _ in range(STEPS)
         ]

@@ -8,11 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import AxisType, NamedSharding
+from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 import muonbp_jax
 from muonbp_jax import MuonDimensionNumbers
+from tests import _fixtures as fx
 from tests import _reference as ref
 
 SHAPES = {"w1": (16, 32), "w2": (32, 16), "b": (32,), "stack": (2, 16, 32)}
@@ -26,9 +27,8 @@ STEPS = 3
 LR = 0.05
 
 
-def _tree(seed: int, shapes=SHAPES) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+def _tree(seed: int) -> dict[str, np.ndarray]:
+    return fx.normal_tree(seed, SHAPES)
 
 
 def _run(tx, params, put=lambda t: t):
@@ -91,17 +91,14 @@ def test_period_one_is_optax_muon(kw):
 
 
 def test_period_one_is_optax_muon_on_a_sharded_explicit_mesh():
-    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    mesh = fx.make_mesh(AxisType.Explicit)
     specs = {
         "w1": P(None, "model"),
         "w2": P("data", "model"),
         "b": P("model"),
         "stack": P(None, None, "model"),
     }
-
-    def put(tree):
-        return {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in tree.items()}
-
+    put = lambda tree: fx.put(tree, mesh, specs)
     kw = {"muon_weight_dimension_numbers": DIMS, "consistent_rms": 0.2}
     params = _tree(0)
     with jax.set_mesh(mesh):

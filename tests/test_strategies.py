@@ -20,35 +20,27 @@ from muonbp_jax import MuonDimensionNumbers as Dims
 from tests import _fixtures as fx
 from tests import _reference as ref
 
-# name: (shape, spec, dimension numbers); the 2x4 mesh has data=2, model=4.
-LAYOUTS = {
-    # the core suite's layouts
-    "cols": ((16, 32), P(None, "model"), Dims()),
-    "rows": ((32, 16), P("model", None), Dims()),
-    "tiles": ((16, 32), P("data", "model"), Dims()),
-    "rows8": ((32, 16), P(("data", "model"), None), Dims()),
-    "replicated": ((16, 32), P(), Dims()),
-    "stacked": ((2, 16, 32), P(None, None, "model"), Dims(1, 2)),
+# name: Layout(shape, spec, dimension numbers); the 2x4 mesh has data=2, model=4.
+LAYOUTS = fx.LAYOUTS | {  # the core suite's layouts, then:
     # three same-shape leaves cut alike: one group of 3 matrices over 4 devices (padded)
-    "q": ((16, 32), P(None, "model"), Dims()),
-    "k": ((16, 32), P(None, "model"), Dims()),
+    "q": fx.Layout((16, 32), P(None, "model"), Dims()),
+    "k": fx.Layout((16, 32), P(None, "model"), Dims()),
     # mesh axes in the opposite order of the mesh's
-    "swapped": ((16, 32), P("model", "data"), Dims()),
+    "swapped": fx.Layout((16, 32), P("model", "data"), Dims()),
     # layers sharded on 'data', columns on 'model': the exchange runs over 'model' only
-    "layers": ((4, 16, 32), P("data", None, "model"), Dims(1, 2)),
+    "layers": fx.Layout((4, 16, 32), P("data", None, "model"), Dims(1, 2)),
     # a reduction made of two axes, one of them cut
-    "heads": ((4, 8, 32), P("data", None, "model"), Dims((0, 1), 2)),
+    "heads": fx.Layout((4, 8, 32), P("data", None, "model"), Dims((0, 1), 2)),
 }
 # Experts (or stacked layers) sharded on their batch axis: every device holds whole matrices.
-EXPERTS = ((8, 16, 32), P("model", None, None), Dims(1, 2))
-SPECS = {name: spec for name, (_, spec, _) in LAYOUTS.items()}
-DIMS = {name: dims for name, (_, _, dims) in LAYOUTS.items()}
+EXPERTS = fx.Layout((8, 16, 32), P("model", None, None), Dims(1, 2))
+DIMS = {name: layout.dims for name, layout in LAYOUTS.items()}
 # An HLO instruction's opcode (not its name): "%all-to-all.3 = (...) all-to-all(%x, ...)".
 COLLECTIVE = re.compile(r" (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)\(")
 
 
 def _grads(seed: int, names=LAYOUTS) -> dict[str, np.ndarray]:
-    return fx.normal_tree(seed, {n: LAYOUTS[n][0] for n in names})
+    return fx.normal_tree(seed, {n: LAYOUTS[n].shape for n in names})
 
 
 def _reference(g: np.ndarray, dims: Dims) -> np.ndarray:
@@ -68,7 +60,7 @@ def _updates(
 ):
     mesh = fx.make_mesh(mode)
     names = list(grads)
-    specs = {n: layouts[n][1] for n in names}
+    specs = {n: layouts[n].spec for n in names}
     auto = {"specs": specs, "mesh": mesh} if mode == AxisType.Auto else {}
     tx = muonbp_jax.muonbp(
         1.0,
@@ -76,7 +68,7 @@ def _updates(
         nesterov=False,
         period=1,
         ns_dtype=ns_dtype,
-        muon_weight_dimension_numbers={n: layouts[n][2] for n in names},
+        muon_weight_dimension_numbers={n: layouts[n].dims for n in names},
         full_strategy=strategy,
         **auto,
     )
@@ -134,10 +126,10 @@ def test_gather_keeps_sharded_batch_axes_local():
     """Each device orthogonalizes its own experts: "gather" gathers matrix axes only, as the
     exchange does, never a sharded batch axis."""
     layouts = {"experts": EXPERTS}
-    grads = {"experts": np.random.default_rng(4).standard_normal(EXPERTS[0]).astype(np.float32)}
+    grads = {"experts": np.random.default_rng(4).standard_normal(EXPERTS.shape).astype(np.float32)}
     updates, hlo = _updates(AxisType.Auto, "gather", grads, hlo=True, layouts=layouts)
     assert "all-gather" not in COLLECTIVE.findall(hlo), "gather all-gathers the experts"
-    expected = _reference(grads["experts"], EXPERTS[2])
+    expected = _reference(grads["experts"], EXPERTS.dims)
     for e, (got, want) in enumerate(zip(updates["experts"], expected)):
         assert ref.relative_error(got, want) < 1e-4, f"expert {e}"
 
