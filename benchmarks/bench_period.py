@@ -111,9 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default=None, help="write the figures to this JSON file")
     args = parser.parse_args(argv)
     grid = tuple(int(v) for v in args.block_grid.split(","))
-    options = {
-        k: v for k, v in (("ns_method", args.ns_method), ("ns_coeffs", args.ns_coeffs)) if v
-    }
+    options = {k: v for k, v in (("ns_method", args.ns_method), ("ns_coeffs", args.ns_coeffs)) if v}
     payload = measure(args.small, args.period, args.periods, grid, args.hlo, **options)
     payload["options"] = options
     _timing.write_json(args.out, payload)

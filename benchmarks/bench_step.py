@@ -107,7 +107,9 @@ def ns_flops(shapes: list[tuple[int, int]], method: str) -> float:
 
     def one(r: int, c: int) -> int:
         plain = newton_schulz_flops(r, c, NS_STEPS)
-        return min(plain, newton_schulz_flops(r, c, NS_STEPS, "gram")) if method == "gram" else plain
+        return (
+            min(plain, newton_schulz_flops(r, c, NS_STEPS, "gram")) if method == "gram" else plain
+        )
 
     return float(sum(one(r, c) for r, c in shapes))
 
@@ -356,15 +358,11 @@ def optimizers(model: Model) -> dict[str, Run]:
             lambda: mb(period=1, ns_coeffs="polar_express", ns_method="newton_schulz"), "plain"
         ),
         "muonbp P=1 defaults mu=bf16": Run(lambda: mb(period=1, mu_dtype=jnp.bfloat16), "auto"),
-        "muonbp block (1,8) defaults": Run(
-            lambda: mb(period=None, block_grid=(1, 8)), "block:1,8"
-        ),
+        "muonbp block (1,8) defaults": Run(lambda: mb(period=None, block_grid=(1, 8)), "block:1,8"),
         "muonbp block (1,8) plain jordan (0.2 defaults)": Run(
             lambda: mb(period=None, block_grid=(1, 8), **old), "block-plain:1,8"
         ),
-        "muonbp block (8,1) defaults": Run(
-            lambda: mb(period=None, block_grid=(8, 1)), "block:8,1"
-        ),
+        "muonbp block (8,1) defaults": Run(lambda: mb(period=None, block_grid=(8, 1)), "block:8,1"),
     }
 
 
@@ -391,9 +389,7 @@ def diagnostics_runs(model: Model) -> dict[str, Run]:
         "muonbp P=1 defaults": Run(lambda: mb(period=1), "auto"),
         "muonbp P=1 diagnostics=True": Run(lambda: mb(period=1, diagnostics=True), "auto"),
         "muonbp P=1 diagnostics iterations=2": Run(lambda: mb(period=1, diagnostics=few), "auto"),
-        "muonbp block (1,8) defaults": Run(
-            lambda: mb(period=None, block_grid=(1, 8)), "block:1,8"
-        ),
+        "muonbp block (1,8) defaults": Run(lambda: mb(period=None, block_grid=(1, 8)), "block:1,8"),
         "muonbp block (1,8) diagnostics=True": Run(
             lambda: mb(period=None, block_grid=(1, 8), diagnostics=True), "block:1,8"
         ),
@@ -543,7 +539,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _timing.write_json(args.out, results)
 
     columns = {
-        "engines": ["engine", "ms", "floor ms", "TFLOP/s", "% of ceiling", "plain-equivalent TFLOP/s"],
+        "engines": [
+            "engine",
+            "ms",
+            "floor ms",
+            "TFLOP/s",
+            "% of ceiling",
+            "plain-equivalent TFLOP/s",
+        ],
         "wide": ["matrix", "method", "ms", "TFLOP/s", "% of ceiling"],
         "quality": [
             "spectrum",

@@ -34,8 +34,8 @@ from muonbp_jax._newton_schulz import (
     PRECONDITIONINGS,
     Coeffs,
     Method,
-    Preconditioning,
     NewtonSchulz,
+    Preconditioning,
     coefficient_schedule,
 )
 from muonbp_jax._steps import FullStrategy
@@ -141,7 +141,7 @@ def block_lr_factor(
 def _check_block_lr_rule(rule: Any) -> None:
     if rule not in BLOCK_LR_RULES:
         raise ValueError(
-            f"block_lr_rule must be one of {BLOCK_LR_RULES} (\"none\": block steps at the full "
+            f'block_lr_rule must be one of {BLOCK_LR_RULES} ("none": block steps at the full '
             f"rate), got {rule!r}."
         )
 
@@ -346,8 +346,7 @@ def scale_by_muonbp(
             t = count_inc.astype(jnp.float32)
             mu_coef, g_coef = beta / (1 - beta ** (t + 1)), (1 - beta) / (1 - beta**t)
             return [
-                (mu_coef * m + g_coef * g).astype(jnp.result_type(m, g))
-                for m, g in zip(mus, grads)
+                (mu_coef * m + g_coef * g).astype(jnp.result_type(m, g)) for m, g in zip(mus, grads)
             ]
 
         out_dtypes = [
@@ -424,7 +423,12 @@ def scale_by_muonbp(
             ]
         new_updates = [(o * s).astype(o.dtype) for o, s in zip(orthogonal, scales)]
         return jax.tree.unflatten(treedef, new_updates), MuonBPState(
-            count=count_inc, mu=optax.tree.cast(mu, mu_dtype), diagnostics=diagnostics
+            # The momentum keeps the dtype it was created with: a hyperparameter injected as a
+            # float32 array (optax.inject_hyperparams) would otherwise promote bfloat16 momenta
+            # to float32 after the first update, and the next call would compile again.
+            count=count_inc,
+            mu=jax.tree.map(lambda m, old: m.astype(old.dtype), mu, state.mu),
+            diagnostics=diagnostics,
         )
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -214,10 +214,10 @@ class NewtonSchulz:
     """
 
     schedule: tuple[tuple[float, float, float], ...]
-    eps: float = 1e-8
-    preconditioning: Preconditioning = "frobenius"
-    dtype: jnp.dtype = jnp.dtype(jnp.bfloat16)
-    method: str = "newton_schulz"  # resolved: "newton_schulz" or "gram"
+    eps: float
+    preconditioning: Preconditioning
+    dtype: jnp.dtype
+    method: str  # resolved: "newton_schulz" or "gram" (build with `create`)
 
     @classmethod
     def create(
@@ -238,7 +238,9 @@ class NewtonSchulz:
             raise ValueError(
                 f"Unknown preconditioning {preconditioning!r}; use one of {PRECONDITIONINGS}."
             )
-        schedule = tuple(tuple(float(v) for v in row) for row in coefficient_schedule(ns_coeffs, ns_steps))
+        schedule = tuple(
+            tuple(float(v) for v in row) for row in coefficient_schedule(ns_coeffs, ns_steps)
+        )
         compute = jnp.dtype(jnp.float32 if dtype is None else dtype)
         if jnp.issubdtype(compute, jnp.complexfloating):
             compute = jnp.finfo(compute).dtype  # a complex dtype names its precision

@@ -65,7 +65,10 @@ def split(x: np.ndarray, row_parts: int, col_parts: int) -> list[list[np.ndarray
 
 
 def block_factor(
-    shape: tuple[int, int], row_parts: int, col_parts: int, rule: str = "spectral",
+    shape: tuple[int, int],
+    row_parts: int,
+    col_parts: int,
+    rule: str = "spectral",
     consistent_rms: float | None = 0.2,
 ) -> float:
     """The block step-size factor of a matrix of `shape` cut into row_parts × col_parts tiles:

@@ -59,7 +59,10 @@ def test_orthogonalize_complex_gives_the_polar_factor(preconditioning, method):
     for shape in [(4, 3), (4, 16), (2, 3, 8)]:
         x = _complex(rng, shape)
         out = muonbp_jax.orthogonalize(
-            jnp.asarray(x), **CONVERGING, preconditioning=preconditioning, dtype=jnp.float32,
+            jnp.asarray(x),
+            **CONVERGING,
+            preconditioning=preconditioning,
+            dtype=jnp.float32,
             method=method,
         )
         assert out.dtype == jnp.complex64
@@ -196,8 +199,15 @@ def _sharded_updates(strategy: str, adaptive: bool, period, steps: int) -> tuple
     # beta=0 without Nesterov: each update orthogonalizes that step's gradient. Default
     # ns_dtype (bfloat16): complex leaves iterate in complex64, the real one in bfloat16.
     tx = muonbp_jax.muonbp(
-        1.0, beta=0.0, nesterov=False, period=period, adaptive=adaptive, full_strategy=strategy,
-        specs=specs, mesh=mesh, muon_weight_dimension_numbers={n: l[2] for n, l in LAYOUTS.items()},
+        1.0,
+        beta=0.0,
+        nesterov=False,
+        period=period,
+        adaptive=adaptive,
+        full_strategy=strategy,
+        specs=specs,
+        mesh=mesh,
+        muon_weight_dimension_numbers={n: l[2] for n, l in LAYOUTS.items()},
         **CONVERGING,
     )
     put = lambda t: {n: jax.device_put(v, NamedSharding(mesh, specs[n])) for n, v in t.items()}
@@ -246,4 +256,3 @@ def test_complex_full_then_block_step_on_a_sharded_mesh_adaptive():
 def test_complex_full_step_on_a_sharded_mesh(strategy):
     grads, (full,) = _sharded_updates(strategy, adaptive=False, period=1, steps=1)
     _check(full, grads[0], block=False, adaptive=False)
-

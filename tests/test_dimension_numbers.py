@@ -155,8 +155,15 @@ def test_block_and_full_steps_on_sharded_multi_axis_kernels():
         for _ in range(2)
     ]
     tx = muonbp_jax.muonbp(
-        1.0, beta=0.0, nesterov=False, period=2, ns_coeffs="jordan", ns_steps=5,
-        ns_dtype=jnp.float32, ns_method="newton_schulz", muon_weight_dimension_numbers=dims,
+        1.0,
+        beta=0.0,
+        nesterov=False,
+        period=2,
+        ns_coeffs="jordan",
+        ns_steps=5,
+        ns_dtype=jnp.float32,
+        ns_method="newton_schulz",
+        muon_weight_dimension_numbers=dims,
     )
     put = lambda t: {n: jax.device_put(v, NamedSharding(mesh, KERNELS[n][2])) for n, v in t.items()}
     with jax.set_mesh(mesh):

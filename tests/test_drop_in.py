@@ -200,3 +200,18 @@ def test_wrong_spec_is_refused_by_eager_update():
     tx = muonbp_jax.muonbp(1e-3, specs=WRONG, mesh=mesh)
     with pytest.raises(ValueError, match=r"specs gives 'layer/w' the sharding P\('model'"):
         tx.update(params, good.init(params), params)
+
+
+def test_state_dtypes_survive_injected_hyperparameters():
+    """inject_hyperparams hands beta in as a float32 array: bfloat16 momenta must stay bfloat16
+    (a dtype change would also recompile the next update)."""
+    params = {"w16": jnp.ones((8, 16), jnp.bfloat16), "w32": jnp.ones((8, 16), jnp.float32)}
+    tx = optax.inject_hyperparams(muonbp_jax.muonbp, static_args=("ns_steps",))(
+        learning_rate=0.1, beta=0.9
+    )
+    state = tx.init(params)
+    _, new_state = jax.jit(tx.update)(params, state, params)
+    before = [x.dtype for x in jax.tree.leaves(state)]
+    after = [x.dtype for x in jax.tree.leaves(new_state)]
+    assert after == before
+    assert jnp.bfloat16 in before

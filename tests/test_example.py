@@ -71,7 +71,14 @@ def test_command_smoke(tmp_path):
     names = ["muonbp", "adamw"]
     out = tmp_path / "out"
     proc = run_cli(
-        "--compare", ",".join(names), *TINY_FLAGS, "--period", "2", "--diagnostics", "--out", str(out)
+        "--compare",
+        ",".join(names),
+        *TINY_FLAGS,
+        "--period",
+        "2",
+        "--diagnostics",
+        "--out",
+        str(out),
     )
     assert proc.returncode == 0, proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.startswith("|")]
