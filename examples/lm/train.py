@@ -159,15 +159,18 @@ class _Checkpoints:
             ),
         )
 
-    def restore(self, step: int, like: dict) -> tuple[dict, dict]:
+    def record(self, step: int) -> dict:
+        """The metrics and config saved at `step` (read before the arrays, so that a changed
+        configuration is reported as such rather than as a state-structure mismatch)."""
+        out = self.manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))
+        return out["record"]
+
+    def restore(self, step: int, like: dict) -> dict:
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         out = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), record=ocp.args.JsonRestore()
-            ),
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
         )
-        return out["state"], out["record"]
+        return out["state"]
 
     def close(self) -> None:
         self.manager.wait_until_finished()
@@ -315,8 +318,9 @@ def train(
     start = 0
     if resume and checkpoints is not None and checkpoints.latest() is not None:
         start = checkpoints.latest()
-        restored, saved = checkpoints.restore(start, {"params": params, "opt_state": opt_state})
+        saved = checkpoints.record(start)
         _check_same_config(saved["config"], config)
+        restored = checkpoints.restore(start, {"params": params, "opt_state": opt_state})
         params, opt_state, record = restored["params"], restored["opt_state"], saved
 
     began = time.perf_counter()
