@@ -151,14 +151,13 @@ def test_resume_continues_exactly(tmp_path, small_corpus):
     the uninterrupted run's parameters bit for bit: the same compiled step on CPU is
     deterministic, the checkpoint restores every array exactly, and batches depend only on
     (seed, step)."""
-    config = Config(optimizer="muonbp", period=2, diagnostics=True, **TINY)
+    config = Config(optimizer="muonbp", period=2, **TINY)
     whole = train(config, corpus=small_corpus, progress=False, return_params=True)
     assert whole["steps"][-1]["train_loss"] < whole["steps"][0]["train_loss"]
 
     ckpt = Config(
         optimizer="muonbp",
         period=2,
-        diagnostics=True,
         checkpoint_every=3,
         checkpoint_dir=str(tmp_path / "ckpt"),
         **TINY,
@@ -168,7 +167,8 @@ def test_resume_continues_exactly(tmp_path, small_corpus):
     resumed = train(ckpt, corpus=small_corpus, resume=True, progress=False, return_params=True)
     _assert_trees_equal(whole["params"], resumed["params"])
     assert [s["train_loss"] for s in resumed["steps"]] == [s["train_loss"] for s in whole["steps"]]
-    # The diagnostics continue too (they live in the restored optimizer state).
+    # Every per-step record but its timing is the same (the smoke test covers the diagnostics
+    # columns; they are left out here to keep this test's three compilations cheap).
     untimed = lambda steps: [
         {k: v for k, v in s.items() if k not in ("time_s", "timed")} for s in steps
     ]
