@@ -320,17 +320,20 @@ def orthogonalize(
 
     Args:
       x: array of shape (..., m, n).
-      ns_coeffs: a preset name (`"jordan"`/`"standard"`, `"polar_express"`, `"dion"`), one
-        (a, b, c) triple used at every step, or a (steps, 3) table of per-step triples.
+      ns_coeffs: a preset name (`"polar_express"`, the default; `"jordan"`/`"standard"`,
+        optax's default; `"dion"`), one (a, b, c) triple used at every step, or a (steps, 3) table of per-step triples.
       ns_steps: number of iterations (see `coefficient_schedule` for per-step tables).
       eps: added to the normalizer so that a zero matrix maps to zero.
       preconditioning: how X is scaled below spectral norm 1 before iterating, as in optax.
       dtype: dtype of the matmuls (None: float32); complex input: complex64, see above.
-      method: `"newton_schulz"` (iterate on X) or `"gram"` (iterate on XXᴴ, see above).
+      method: `"newton_schulz"` (iterate on X), `"gram"` (iterate on XXᴴ, see above) or
+        `"auto"` (the default): `"gram"` on GPUs, `"newton_schulz"` elsewhere (TPUs, CPUs),
+        for jax's default backend (`AUTO_METHODS`), decided when the function is traced.
 
     Returns:
-      An array like `x` whose matrices have singular values near 1 (in [0.7, 1.2] for the
-      Jordan coefficients, by design) and the singular vectors of `x`.
+      An array like `x` whose matrices have singular values near 1 (about [0.87, 1.12] on
+      Gaussian matrices for the default Polar Express, [0.7, 1.2] for Jordan's coefficients by
+      design) and the singular vectors of `x`.
     """
     if x.ndim < 2:
         raise ValueError(f"orthogonalize needs an array of rank >= 2, got shape {x.shape}.")
