@@ -8,11 +8,13 @@ emulated with `block_grid`. Everything runs at the library's defaults.
     python benchmarks/bench_period.py                 # 1.2 B-shaped tree cut to 4 layers (GPU)
     python benchmarks/bench_period.py --small         # tiny tree (CPU check)
     python benchmarks/bench_period.py --hlo out/      # also write the compiled P-loop program
+    python benchmarks/bench_period.py --layers 16     # the whole 1.2 B-shaped tree
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _timing
@@ -45,11 +48,17 @@ def measure(
     periods: int = 6,
     grid: tuple[int, int] = (1, 8),
     hlo_dir: str | None = None,
+    layers: int = 4,
     **options: Any,
 ) -> dict[str, Any]:
     """Times a period-`period` loop, block and full steps alone, and their difference;
-    `options` go to `muonbp` (default: the library's defaults)."""
-    model = bench_step.SMALL if small else bench_step.Model(2048, 8192, 4, 32000)
+    `options` go to `muonbp` (default: the library's defaults).
+
+    Two more loops locate the switch's cost: the same period-`period` schedule run as two
+    programs chosen on the host (the block-only and full-only updates, one state threaded
+    through both: no `lax.cond`), and the block-only update wrapped in a `lax.cond` whose two
+    branches are that same update (the conditional's own cost, with no second branch)."""
+    model = bench_step.SMALL if small else bench_step.Model(2048, 8192, layers, 32000)
     params = bench_step.random_tree(model, seed=0, scale=0.02)
     grads = bench_step.random_tree(model, seed=1, scale=1e-3)
     common = {
@@ -68,6 +77,24 @@ def measure(
             text = step.lower(grads, state, params).compile().as_text()
             Path(hlo_dir, f"period{p}_update.hlo.txt").write_text(text)
         runs[name] = loop_times(step, state, params, grads, n)
+        if kind is None:
+            block_tx, block_step, state0 = tx, step, state
+        elif kind == 1:
+            full_step = step
+    # The host switch: update i runs the full-only program iff i % p == 0.
+    state, times = state0, []
+    for i in range(n):
+        start = time.perf_counter()
+        out, state = (full_step if i % p == 0 else block_step)(grads, state, params)
+        jax.block_until_ready(out)
+        times.append(1e3 * (time.perf_counter() - start))
+    runs["host switch"] = times
+    same = lambda g, s, q, pred: jax.lax.cond(pred, block_tx.update, block_tx.update, g, s, q)
+    wrapped = jax.jit(same)
+    flips = itertools.cycle([True, False])  # a traced predicate that takes both branches
+    runs["block in cond"] = loop_times(
+        lambda g, s, q: wrapped(g, s, q, jnp.asarray(next(flips))), state0, params, grads, n
+    )
     timed = {k: v[p:] for k, v in runs.items()}  # the first period absorbs compilation
     loop = timed[f"P={p}"]
     full_in_loop = statistics.median(loop[0::p])
@@ -93,6 +120,18 @@ def measure(
             "in P loop ms": statistics.mean(loop),
             "overhead ms": statistics.mean(loop) - alone_mean,
         },
+        {
+            "update": f"mean of P={p}, host switch (two programs)",
+            "alone ms": alone_mean,
+            "in P loop ms": statistics.mean(timed["host switch"]),
+            "overhead ms": statistics.mean(timed["host switch"]) - alone_mean,
+        },
+        {
+            "update": "block step in a lax.cond of itself",
+            "alone ms": block,
+            "in P loop ms": statistics.median(timed["block in cond"]),
+            "overhead ms": statistics.median(timed["block in cond"]) - block,
+        },
     ]
     title = f"{jax.devices()[0].device_kind}, block_grid {grid}, {model}"
     print(_timing.table(rows, ["update", "alone ms", "in P loop ms", "overhead ms"], title))
@@ -104,6 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--small", action="store_true", help="tiny tree, for a CPU check")
     parser.add_argument("--period", type=int, default=5)
     parser.add_argument("--periods", type=int, default=6, help="timed periods")
+    parser.add_argument("--layers", type=int, default=4, help="layers of the tree (16: 1.2B)")
     parser.add_argument("--block-grid", default="1,8", help="r,c tiles emulating TP blocks")
     parser.add_argument("--hlo", default=None, help="write the compiled P-loop update here")
     parser.add_argument("--ns-method", default=None, help="muonbp's ns_method (default: its)")
@@ -112,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     grid = tuple(int(v) for v in args.block_grid.split(","))
     options = {k: v for k, v in (("ns_method", args.ns_method), ("ns_coeffs", args.ns_coeffs)) if v}
-    payload = measure(args.small, args.period, args.periods, grid, args.hlo, **options)
+    payload = measure(args.small, args.period, args.periods, grid, args.hlo, args.layers, **options)
     payload["options"] = options
     _timing.write_json(args.out, payload)
     return payload

@@ -338,6 +338,7 @@ class Run:
 
     make: Callable[[], optax.GradientTransformation]
     kind: str = ""  # 'auto', 'plain', 'gram', 'f32' (optax), 'block[-plain]:r,c', '' (none)
+    prime: bool = False  # time the update after one update (count 1), not the first
 
 
 def optimizers(model: Model) -> dict[str, Run]:
@@ -380,23 +381,58 @@ def elementwise_floor(dims: Any) -> optax.GradientTransformation:
     return optax.partition({"muon": muon_like, "adam": optax.adamw(LR)}, labels)
 
 
+EVERY = muonbp_jax.Diagnostics().every  # the default sampling interval
+
+
 def diagnostics_runs(model: Model) -> dict[str, Run]:
-    """The cost of `diagnostics=`: each configuration with it off and on, in one run."""
+    """The cost of `diagnostics=`, in one run: each configuration off; with every update
+    measured (`every=1`); and at the defaults on an update that is not measured (the one
+    after the first: in the first window, whose step of this kind was measured)."""
     dims = routing(model)
     mb = functools.partial(muonbp_jax.muonbp, LR, muon_weight_dimension_numbers=dims)
-    few = muonbp_jax.Diagnostics(iterations=2)
-    return {
-        "muonbp P=1 defaults": Run(lambda: mb(period=1), "auto"),
-        "muonbp P=1 diagnostics=True": Run(lambda: mb(period=1, diagnostics=True), "auto"),
-        "muonbp P=1 diagnostics iterations=2": Run(lambda: mb(period=1, diagnostics=few), "auto"),
-        "muonbp block (1,8) defaults": Run(lambda: mb(period=None, block_grid=(1, 8)), "block:1,8"),
-        "muonbp block (1,8) diagnostics=True": Run(
-            lambda: mb(period=None, block_grid=(1, 8), diagnostics=True), "block:1,8"
-        ),
-        "muonbp block (1,8) diagnostics iterations=2": Run(
-            lambda: mb(period=None, block_grid=(1, 8), diagnostics=few), "block:1,8"
-        ),
-    }
+    runs = {}
+    for config, kw, kind in (
+        ("P=1", {"period": 1}, "auto"),
+        ("block (1,8)", {"period": None, "block_grid": (1, 8)}, "block:1,8"),
+    ):
+        runs[f"muonbp {config} off"] = Run(functools.partial(mb, **kw), kind)
+        runs[f"muonbp {config} measured (every=1)"] = Run(
+            functools.partial(mb, diagnostics=muonbp_jax.Diagnostics(every=1), **kw), kind
+        )
+        runs[f"muonbp {config} measured, iterations=2"] = Run(
+            functools.partial(mb, diagnostics=muonbp_jax.Diagnostics(every=1, iterations=2), **kw),
+            kind,
+        )
+        runs[f"muonbp {config} not measured (diagnostics=True)"] = Run(
+            functools.partial(mb, diagnostics=True, **kw), kind, prime=True
+        )
+    return runs
+
+
+def diagnostics_cost(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per configuration: the cost of a measured and of an unmeasured update over the update
+    without diagnostics, and the mean over `EVERY` updates at the defaults (one measured: a
+    run of one kind of step measures one update per window)."""
+    ms = {r["update"]: r["ms"] for r in rows}
+    out = []
+    for config in ("P=1", "block (1,8)"):
+        off = ms[f"muonbp {config} off"]
+        measured = ms[f"muonbp {config} measured (every=1)"]
+        skipped = ms[f"muonbp {config} not measured (diagnostics=True)"]
+        mean = skipped + (measured - skipped) / EVERY
+        out.append(
+            {
+                "config": config,
+                "off ms": off,
+                "measured ms": measured,
+                "not measured ms": skipped,
+                f"mean over {EVERY} ms": mean,
+                "measured %": 100 * (measured / off - 1),
+                "not measured %": 100 * (skipped / off - 1),
+                f"mean over {EVERY} %": 100 * (mean / off - 1),
+            }
+        )
+    return out
 
 
 def strategies(model: Model) -> dict[str, Run]:
@@ -448,6 +484,8 @@ def bench_updates(
         run = runs[name]
         tx = run.make()
         state = jax.jit(tx.init)(params)
+        if run.prime:
+            state = jax.jit(tx.update)(grads, state, params)[1]
         compiled = jax.jit(tx.update).lower(grads, state, params).compile()
         ms = _timing.median_ms(compiled, grads, state, params, iters=iters, warmup=warmup)
         memory = _timing.compiled_memory(compiled)
@@ -534,6 +572,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             *results.get("diagnostics", []),
         ]:
             r["speedup vs optax muon"] = base / r["ms"]
+    if "diagnostics" in results:
+        results["diagnostics_cost"] = diagnostics_cost(results["diagnostics"])
     stats = jax.devices()[0].memory_stats() or {}
     results["process_peak_GB"] = stats.get("peak_bytes_in_use", 0) / GB or None
     _timing.write_json(args.out, results)
@@ -562,6 +602,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     columns["block_engines"] = columns["engines"]
     columns["strategies"] = columns["diagnostics"] = columns["updates"]
     columns["period"] = ["update", "alone ms", "in P loop ms", "overhead ms"]
+    columns["diagnostics_cost"] = list(results.get("diagnostics_cost", [{}])[0])
     print()
     for name, cols in columns.items():
         if name in results:

@@ -3,6 +3,7 @@
 from muonbp_jax._diagnostics import Diagnostics
 from muonbp_jax._diagnostics import LeafDiagnostics
 from muonbp_jax._diagnostics import MuonBPDiagnostics
+from muonbp_jax._diagnostics import StepRecord
 from muonbp_jax._diagnostics import read_diagnostics
 from muonbp_jax._dimension_numbers import dimension_numbers_from_logical
 from muonbp_jax._layout import BlockGrid
@@ -26,7 +27,7 @@ from muonbp_jax._steps import FULL_STRATEGIES
 from muonbp_jax._steps import FullStrategy
 from optax.contrib import MuonDimensionNumbers  # re-exported for per-leaf dimension numbers
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
     "AUTO_METHODS",
@@ -43,6 +44,7 @@ __all__ = [
     "MuonDimensionNumbers",
     "ScaleByStepLearningRateState",
     "Specs",
+    "StepRecord",
     "block_lr_factor",
     "default_muon_labels",
     "dimension_numbers_from_logical",

@@ -49,6 +49,7 @@ from muonbp_jax._layout import Layout, Mesh, to_matrices, to_stack, to_tiles
 from muonbp_jax._options import path_names, path_str
 
 DEFAULT_ITERATIONS = 5
+DEFAULT_EVERY = 100
 _START_KEY = 0  # the fixed key of every start vector
 
 
@@ -57,6 +58,12 @@ class Diagnostics:
     """What `diagnostics=` of `scale_by_muonbp`/`muonbp` records.
 
     Attributes:
+      every: measure the first full step and the first block step of every window of `every`
+        updates (updates 0, every, 2·every, … open the windows); the other updates carry the
+        last measurement of their kind and cost one `lax.switch` on the step counter. 1
+        measures every update. The default keeps the amortized cost near 1% of an update
+        (benchmarks/RESULTS.md) while a logger that reads the state at any step sees a recent
+        full and block step.
       per_leaf: also record every leaf's values (a tree like the updates), not only the mean,
         max and min over leaves.
       iterations: Lanczos iterations per singular-value estimate (matrix-vector products with
@@ -66,6 +73,7 @@ class Diagnostics:
         False keeps block steps to scalar all-reduces (those leaves then report NaN).
     """
 
+    every: int = DEFAULT_EVERY
     per_leaf: bool = False
     iterations: int = DEFAULT_ITERATIONS
     whole_norm_on_block_steps: bool = False
@@ -84,10 +92,10 @@ def resolve(option: DiagnosticsOption) -> Diagnostics | None:
     if isinstance(option, str) and option == "per_leaf":
         return Diagnostics(per_leaf=True)
     if isinstance(option, Diagnostics):
-        if not isinstance(option.iterations, int) or option.iterations < 1:
-            raise ValueError(
-                f"Diagnostics.iterations must be an int >= 1, got {option.iterations!r}."
-            )
+        for name in ("iterations", "every"):
+            value = getattr(option, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Diagnostics.{name} must be an int >= 1, got {value!r}.")
         return option
     raise ValueError(
         f"diagnostics must be False, True, 'per_leaf' or a muonbp_jax.Diagnostics, got {option!r}."
@@ -107,26 +115,43 @@ class LeafDiagnostics(NamedTuple):
     momentum_norm: jax.Array  # Frobenius norm of the momentum
 
 
-class MuonBPDiagnostics(NamedTuple):
-    """The `diagnostics` field of `MuonBPState`: the last update's values."""
+class StepRecord(NamedTuple):
+    """The last measured update of one kind (full or block steps)."""
 
-    full_step: jax.Array  # float32: 1 for a full step, 0 for a block step
+    step: jax.Array  # int32: its 0-based update index; -1 before the first (values NaN)
     mean: LeafDiagnostics  # over the Muon leaves
     max: LeafDiagnostics
     min: LeafDiagnostics
     per_leaf: Any  # a tree like the updates with a LeafDiagnostics per leaf, or None
 
 
-def _zeros() -> LeafDiagnostics:
-    return LeafDiagnostics(*(jnp.zeros([], jnp.float32) for _ in LeafDiagnostics._fields))
+class MuonBPDiagnostics(NamedTuple):
+    """The `diagnostics` field of `MuonBPState`."""
+
+    full_step: jax.Array  # float32: 1 if the last update was a full step, 0 for a block step
+    step_factor: jax.Array  # float32 (3,): mean, max, min over leaves of its ρ (1: full step)
+    full: StepRecord  # the last measured full step
+    block: StepRecord  # the last measured block step
+
+
+def _unmeasured() -> LeafDiagnostics:
+    return LeafDiagnostics(*(jnp.full([], jnp.nan, jnp.float32) for _ in LeafDiagnostics._fields))
 
 
 def initial(config: Diagnostics, treedef: Any, count: int) -> MuonBPDiagnostics:
-    """The diagnostics before the first update (zeros), with the structure updates produce."""
-    per_leaf = None
-    if config.per_leaf:
-        per_leaf = jax.tree.unflatten(treedef, [_zeros() for _ in range(count)])
-    return MuonBPDiagnostics(jnp.zeros([], jnp.float32), _zeros(), _zeros(), _zeros(), per_leaf)
+    """The diagnostics before the first update (no step measured: step -1, values NaN), with
+    the structure updates produce."""
+
+    def record():
+        per_leaf = None
+        if config.per_leaf:
+            per_leaf = jax.tree.unflatten(treedef, [_unmeasured() for _ in range(count)])
+        step = jnp.full([], -1, jnp.int32)
+        return StepRecord(step, _unmeasured(), _unmeasured(), _unmeasured(), per_leaf)
+
+    return MuonBPDiagnostics(
+        jnp.zeros([], jnp.float32), jnp.ones([3], jnp.float32), record(), record()
+    )
 
 
 # ----------------------------------------------------------------------------- Lanczos
@@ -210,23 +235,76 @@ def _local_dot(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.sum(a * b, axis=-1)
 
 
-def piece_extremes(m: jax.Array, iterations: int) -> tuple[jax.Array, jax.Array]:
-    """(σ_min, σ_max) of each matrix of `m` (..., a, b), on its smaller side; no communication."""
-    m = _real(m)
-    if m.shape[-2] > m.shape[-1]:
-        m = jnp.swapaxes(m, -1, -2)
-    gram = lambda u: jnp.einsum("...ab,...b->...a", m, jnp.einsum("...ab,...a->...b", m, u))
-    start = jnp.broadcast_to(_start(m.shape[-2:-1]), m.shape[:-1])
-    low, high = lanczos_extremes(gram, _local_dot, start, iterations)
-    return jnp.sqrt(low), jnp.sqrt(high)
-
-
 def _psum(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
     return jax.lax.psum(x, axes) if axes else x
 
 
 def _union(entries: Sequence[tuple[str, ...]]) -> tuple[str, ...]:
     return tuple(a for e in entries for a in e)
+
+
+def _matvec(m: jax.Array, u: jax.Array) -> jax.Array:
+    """m (..., a, b) times u (..., b) in float32, read in m's own dtype: a multiply and a sum,
+    which XLA fuses into one pass over m (no float32 copy of a half-precision m)."""
+    return jnp.sum(m.astype(jnp.float32) * u[..., None, :], axis=-1)
+
+
+def _rmatvec(m: jax.Array, u: jax.Array) -> jax.Array:
+    """mᵀ (..., b, a) times u (..., a), as `_matvec`."""
+    return jnp.sum(m.astype(jnp.float32) * u[..., :, None], axis=-2)
+
+
+def _extremes(
+    m: jax.Array, row_axes: tuple[str, ...], col_axes: tuple[str, ...], iterations: int
+) -> tuple[jax.Array, jax.Array]:
+    """(σ_min, σ_max) of each matrix of `m` (batch, a, b) with a ≤ b, whose rows are split over
+    the mesh axes `row_axes` and columns over `col_axes` (inside `jax.shard_map`; both empty:
+    local matrices). Lanczos runs on the a-side Gram matrix m·mᵀ."""
+
+    def gram(u):
+        w = _psum(_rmatvec(m, u), row_axes)
+        return _psum(_matvec(m, w), col_axes)
+
+    dot = lambda a, b: _psum(_local_dot(a, b), row_axes)
+    position = jax.lax.axis_index(row_axes) if row_axes else 0
+    start = jnp.broadcast_to(_start(m.shape[-2:-1], position), m.shape[:-1])
+    low, high = lanczos_extremes(gram, dot, start, iterations)
+    return jnp.sqrt(low), jnp.sqrt(high)
+
+
+def _batched(
+    items: Sequence[tuple[jax.Array, tuple[str, ...], tuple[str, ...]]], iterations: int
+) -> list[tuple[jax.Array, jax.Array]]:
+    """`_extremes` of many (matrices (n, a, b), row_axes, col_axes), one Lanczos run per group
+    of equal (a, b, dtype, axes): same-shape leaves (the layers of a model) share every kernel
+    of the recurrence, as they share Newton–Schulz iterations."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, (m, rows, cols) in enumerate(items):
+        groups.setdefault((*m.shape[1:], m.dtype, rows, cols), []).append(i)
+    out: list[Any] = [None] * len(items)
+    for (_, _, _, rows, cols), members in groups.items():
+        parts = [items[i][0] for i in members]
+        low, high = _extremes(
+            jnp.concatenate(parts) if len(parts) > 1 else parts[0], rows, cols, iterations
+        )
+        offsets = np.cumsum([0] + [p.shape[0] for p in parts])
+        for i, lo, hi in zip(members, offsets[:-1], offsets[1:]):
+            out[i] = (low[lo:hi], high[lo:hi])
+    return out
+
+
+def _wide(m: jax.Array, rows: tuple[str, ...], cols: tuple[str, ...], tall: bool):
+    """(m, row_axes, col_axes) oriented so that Lanczos iterates on the smaller side."""
+    return (jnp.swapaxes(m, -1, -2), cols, rows) if tall else (m, rows, cols)
+
+
+def piece_extremes(m: jax.Array, iterations: int) -> tuple[jax.Array, jax.Array]:
+    """(σ_min, σ_max) of each matrix of `m` (..., a, b), on its smaller side; no communication."""
+    m = _real(m)
+    lead = m.shape[:-2]
+    m = m.reshape(-1, *m.shape[-2:])
+    low, high = _batched([_wide(m, (), (), m.shape[-2] > m.shape[-1])], iterations)[0]
+    return low.reshape(lead), high.reshape(lead)
 
 
 def whole_extremes(
@@ -237,23 +315,20 @@ def whole_extremes(
     Inside `jax.shard_map` (`on_mesh`) the whole matrix is the grid of the devices' blocks over
     the mesh axes that cut its rows and columns; products with it sum over those axes.
     """
-    m = _real(m)
+    return _batched([_whole_item(m, lay, on_mesh)], iterations)[0]
+
+
+def _whole_item(m: jax.Array, lay: Layout, on_mesh: bool):
     cuts = lay.cuts if on_mesh else tuple(() for _ in lay.matrix_axes)
-    row_axes = _union(cuts[: len(lay.reduction_axes)])
-    col_axes = _union(cuts[len(lay.reduction_axes) :])
-    rows, cols = lay.matrix_shape
-    if rows > cols:  # iterate on the smaller side: work with the transpose
-        m, row_axes, col_axes = jnp.swapaxes(m, -1, -2), col_axes, row_axes
+    rows = _union(cuts[: len(lay.reduction_axes)])
+    cols = _union(cuts[len(lay.reduction_axes) :])
+    # Iterate on the smaller side of the whole matrix (not of the local block).
+    return _wide(_real(m), rows, cols, lay.matrix_shape[0] > lay.matrix_shape[1])
 
-    def gram(u):
-        w = _psum(jnp.einsum("...ab,...a->...b", m, u), row_axes)
-        return _psum(jnp.einsum("...ab,...b->...a", m, w), col_axes)
 
-    dot = lambda a, b: _psum(_local_dot(a, b), row_axes)
-    position = jax.lax.axis_index(row_axes) if row_axes else 0
-    start = jnp.broadcast_to(_start(m.shape[-2:-1], position), m.shape[:-1])
-    low, high = lanczos_extremes(gram, dot, start, iterations)
-    return jnp.sqrt(low), jnp.sqrt(high)
+def _piece_item(tiles: jax.Array):
+    tiles = _real(tiles)
+    return _wide(tiles, (), (), tiles.shape[-2] > tiles.shape[-1])
 
 
 class _Sigmas(NamedTuple):
@@ -284,23 +359,29 @@ def _sigmas(
     ]
 
     def local(xs):
-        highs, piece_highs, piece_lows = [], [], []
-        for x, lay in zip(xs, layouts):
-            mats = to_matrices(to_stack(x, lay), lay)
-            if whole[len(highs)]:
-                low, high = whole_extremes(mats, lay, iterations, on_mesh)
-                whole_high = jnp.max(high)
-            else:
-                whole_high = jnp.zeros([], jnp.float32)  # NaN below (a max all-reduce drops NaN)
-            if full:
-                piece_low, piece_high = jnp.min(low), jnp.max(high)
-            else:
-                low, high = piece_extremes(to_tiles(mats, lay.grid), iterations)
-                piece_low, piece_high = jnp.min(low), jnp.max(high)
-            highs.append(whole_high)
-            piece_highs.append(piece_high)
-            piece_lows.append(piece_low)
-        packed = jnp.stack([jnp.stack(highs), jnp.stack(piece_highs), -jnp.stack(piece_lows)])
+        mats = [to_matrices(to_stack(x, lay), lay) for x, lay in zip(xs, layouts)]
+        wanted = [i for i, w in enumerate(whole) if w]
+        whole_found = dict(
+            zip(
+                wanted,
+                _batched([_whole_item(mats[i], layouts[i], on_mesh) for i in wanted], iterations),
+            )
+        )
+        if full:
+            pieces = [whole_found[i] for i in range(len(mats))]
+        else:
+            pieces = _batched(
+                [_piece_item(to_tiles(m, lay.grid)) for m, lay in zip(mats, layouts)], iterations
+            )
+        # A leaf without the whole σ reports 0 here and NaN below (a max all-reduce drops NaN).
+        highs = [jnp.max(whole_found[i][1]) if i in whole_found else 0.0 for i in range(len(mats))]
+        packed = jnp.stack(
+            [
+                jnp.stack([jnp.asarray(h, jnp.float32) for h in highs]),
+                jnp.stack([jnp.max(high) for _, high in pieces]),
+                -jnp.stack([jnp.min(low) for low, _ in pieces]),
+            ]
+        )
         if on_mesh:
             packed = jax.lax.pmax(packed, tuple(mesh.axis_names))
         return packed
@@ -316,50 +397,36 @@ def _sigmas(
     return _Sigmas(whole_max, packed[1], -packed[2])
 
 
-def compute(
+# ----------------------------------------------------------------------------- recording
+
+
+class Statics(NamedTuple):
+    """Per-leaf constants of one kind of step: the shape scale s (times |⟨M, O⟩| with
+    `adaptive=True`, then traced) and the block factor ρ (1 on full steps)."""
+
+    scales: Sequence[Any]
+    factors: Sequence[float]
+
+
+def _measure(
     config: Diagnostics,
+    full: bool,
+    step: jax.Array,
     orthogonal: list[jax.Array],
     momentum: list[jax.Array],
-    is_full: jax.Array | bool,
+    statics: Statics,
     layouts: list[Layout],
     mesh: Mesh | None,
-    *,
-    full_scales: Sequence[float],
-    block_scales: Sequence[float],
-    block_factors: Sequence[float],
-    adaptive_coefs: Sequence[jax.Array] | None,
     treedef: Any,
-) -> MuonBPDiagnostics:
-    """The diagnostics of one update.
-
-    Args:
-      orthogonal: the Newton–Schulz outputs O, one per leaf (as `lax.cond` produced them).
-      momentum: the momentum leaves (their Frobenius norms are recorded).
-      is_full: the step kind (a traced bool under `lax.cond`, or a static one).
-      full_scales, block_scales: per leaf, the shape scale s of a whole matrix and of a block
-        (without the block factor); block_factors: ρ per leaf.
-      adaptive_coefs: per leaf ⟨momentum, O⟩ when `adaptive=True` (it multiplies U), else None.
-      treedef: the structure of the updates (for `per_leaf`).
-    """
-    if isinstance(is_full, bool):
-        sigmas = _sigmas(orthogonal, layouts, mesh, config, is_full)
-    else:
-        sigmas = jax.lax.cond(
-            is_full,
-            lambda xs: _sigmas(xs, layouts, mesh, config, True),
-            lambda xs: _sigmas(xs, layouts, mesh, config, False),
-            orthogonal,
-        )
-    # Scales may be traced (optax.inject_hyperparams makes consistent_rms an array).
+) -> StepRecord:
+    """The record of update `step`, a full or a block step."""
+    sigmas = _sigmas(orthogonal, layouts, mesh, config, full)
     f32 = lambda v: jnp.stack([jnp.asarray(x, jnp.float32) for x in v])
-    full = jnp.asarray(is_full, bool)
-    scale = jnp.where(full, f32(full_scales), f32(block_scales))
-    if adaptive_coefs is not None:
-        scale = scale * jnp.abs(jnp.stack(adaptive_coefs).astype(jnp.float32))
+    scale = f32(statics.scales)
     size = f32([int(np.prod(o.shape)) for o in orthogonal])
     fro = jnp.sqrt(jnp.stack([_abs2_sum(o) for o in orthogonal]))
     leaves = LeafDiagnostics(
-        block_factor=jnp.where(full, 1.0, f32(block_factors)),
+        block_factor=f32(statics.factors),
         update_rms=scale * fro / jnp.sqrt(size),
         update_spectral=scale * sigmas.whole_max,
         block_spectral=scale * sigmas.piece_max,
@@ -374,12 +441,81 @@ def compute(
             [LeafDiagnostics(*(v[i] for v in leaves)) for i in range(len(orthogonal))],
         )
     over = lambda fn: LeafDiagnostics(*(fn(v) for v in leaves))
-    return MuonBPDiagnostics(
-        full_step=full.astype(jnp.float32),
+    return StepRecord(
+        step=jnp.asarray(step, jnp.int32),
         mean=over(jnp.mean),
         max=over(jnp.max),
         min=over(jnp.min),
         per_leaf=per_leaf,
+    )
+
+
+def _due(record: StepRecord, step: jax.Array, every: int) -> jax.Array:
+    """Whether update `step` is the first of its kind in its window of `every` updates."""
+    return (record.step < 0) | (record.step // every < step // every)
+
+
+def update(
+    config: Diagnostics,
+    previous: MuonBPDiagnostics,
+    step: jax.Array,
+    orthogonal: list[jax.Array],
+    momentum: list[jax.Array],
+    is_full: jax.Array | bool,
+    layouts: list[Layout],
+    mesh: Mesh | None,
+    *,
+    full: Statics,
+    block: Statics,
+    treedef: Any,
+) -> MuonBPDiagnostics:
+    """The diagnostics after update `step` (its 0-based index).
+
+    Args:
+      previous: the diagnostics before this update.
+      orthogonal: the Newton–Schulz outputs O, one per leaf (as `lax.cond` produced them).
+      momentum: the momentum leaves (their Frobenius norms are recorded).
+      is_full: the step kind (a traced bool under `lax.cond`, or a static one).
+      full, block: the per-leaf constants of each kind of step.
+      treedef: the structure of the updates (for `per_leaf`).
+
+    The update is measured when it is the first of its kind in its window of `config.every`
+    updates; otherwise its kind's record is carried over. One `lax.switch` (or `lax.cond`)
+    chooses, so an update that is not measured runs none of the measurement.
+    """
+    every = config.every
+    operands = (orthogonal, momentum)
+    measure = lambda kind_full, statics: (
+        lambda ops: _measure(config, kind_full, step, *ops, statics, layouts, mesh, treedef)
+    )
+    factors = lambda s: jnp.stack([jnp.asarray(f, jnp.float32) for f in s.factors])
+    if isinstance(is_full, bool):
+        kind = "full" if is_full else "block"
+        record = getattr(previous, kind)
+        fn = measure(is_full, full if is_full else block)
+        if every == 1:
+            new = fn(operands)
+        else:
+            new = jax.lax.cond(_due(record, step, every), fn, lambda _: record, operands)
+        records = previous._replace(**{kind: new})
+        rho = factors(full if is_full else block)
+    else:
+        keep = lambda _: (previous.full, previous.block)
+        on_block = lambda ops: (previous.full, measure(False, block)(ops))
+        on_full = lambda ops: (measure(True, full)(ops), previous.block)
+        if every == 1:
+            new_full, new_block = jax.lax.cond(is_full, on_full, on_block, operands)
+        else:
+            due = jnp.where(
+                is_full, _due(previous.full, step, every), _due(previous.block, step, every)
+            )
+            index = jnp.where(due, jnp.where(is_full, 2, 1), 0)
+            new_full, new_block = jax.lax.switch(index, [keep, on_block, on_full], operands)
+        records = previous._replace(full=new_full, block=new_block)
+        rho = jnp.where(is_full, factors(full), factors(block))
+    return records._replace(
+        full_step=jnp.asarray(is_full, jnp.float32),
+        step_factor=jnp.stack([jnp.mean(rho), jnp.max(rho), jnp.min(rho)]),
     )
 
 
@@ -416,15 +552,23 @@ def _named(tree: Any, cls: type) -> list[tuple[tuple[str, ...], Any]]:
     return found
 
 
+def _value(x: Any) -> Any:
+    """An array held in a state entry (nnx.Optimizer may wrap it in a variable)."""
+    return x.get_value() if hasattr(x, "get_value") else x
+
+
 def read_diagnostics(opt_state: Any, *, per_leaf: bool = True) -> dict[str, jax.Array]:
     """The diagnostics in `opt_state` as a flat dict of scalars, ready for a logger.
 
-    Keys: `full_step`; `learning_rate` (the rate that `scale_by_step_learning_rate` applied,
-    when it records it: `muonbp(..., diagnostics=...)` does); `<field>_mean`, `<field>_max`,
-    `<field>_min` for every `LeafDiagnostics` field; `learning_rate_mean`/`_max`/`_min`, the
-    rate times each leaf's block factor ρ (what each leaf moved by); and, when recorded and
-    `per_leaf`, `<leaf path>/<field>`. Raises ValueError when `opt_state` holds no diagnostics
-    or several.
+    Keys, for the last update: `full_step` (1 full, 0 block); `learning_rate` (the rate that
+    `scale_by_step_learning_rate` applied, when it records it: `muonbp(..., diagnostics=...)`
+    does) and `learning_rate_mean`/`_max`/`_min`, that rate times each leaf's block factor ρ
+    (what each leaf moved by). For the last measured full step and block step (see
+    `Diagnostics.every`): `full/step` and `block/step` (the update index measured; -1 before
+    the first, whose values are NaN), `full/<field>_mean`, `_max`, `_min` for every
+    `LeafDiagnostics` field, the same under `block/`, and, when recorded and `per_leaf`,
+    `full/<leaf path>/<field>` and `block/<leaf path>/<field>`. Raises ValueError when
+    `opt_state` holds no diagnostics or several.
     """
     found = _named(opt_state, MuonBPDiagnostics)
     if len(found) != 1:
@@ -433,20 +577,26 @@ def read_diagnostics(opt_state: Any, *, per_leaf: bool = True) -> dict[str, jax.
             "diagnostics=True (one scale_by_muonbp per optimizer state)."
         )
     diag = found[0][1]
-    out: dict[str, jax.Array] = {"full_step": diag.full_step}
+    out: dict[str, jax.Array] = {"full_step": _value(diag.full_step)}
     rate = _recorded_rate(opt_state)
     if rate is not None:
+        rate = _value(rate)
         out["learning_rate"] = rate
+        factors = _value(diag.step_factor)
+        for i, stat in enumerate(("mean", "max", "min")):
+            out[f"learning_rate_{stat}"] = rate * factors[i]
+    for kind in ("full", "block"):
+        record = _unwrap(getattr(diag, kind), StepRecord) or getattr(diag, kind)
+        out[f"{kind}/step"] = _value(record.step)
         for stat in ("mean", "max", "min"):
-            out[f"learning_rate_{stat}"] = rate * getattr(diag, stat).block_factor
-    for stat in ("mean", "max", "min"):
-        for name, value in getattr(diag, stat)._asdict().items():
-            out[f"{name}_{stat}"] = value
-    if per_leaf and diag.per_leaf is not None:
-        for path, leaf in _named(diag.per_leaf, LeafDiagnostics):
-            names = path_str(path_names(path))
+            leaf = _unwrap(getattr(record, stat), LeafDiagnostics) or getattr(record, stat)
             for name, value in leaf._asdict().items():
-                out[f"{names}/{name}"] = value
+                out[f"{kind}/{name}_{stat}"] = _value(value)
+        if per_leaf and record.per_leaf is not None:
+            for path, leaf in _named(record.per_leaf, LeafDiagnostics):
+                names = path_str(path_names(path))
+                for name, value in leaf._asdict().items():
+                    out[f"{kind}/{names}/{name}"] = _value(value)
     return out
 
 

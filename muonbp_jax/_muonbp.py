@@ -390,29 +390,39 @@ def scale_by_muonbp(
         else:
             orthogonal = jax.lax.cond(is_full, full, block, operands)
             scales = [jnp.where(is_full, f, b) for f, b in zip(full_scales, block_scales)]
+        ns_out = orthogonal  # in the iteration's dtype: what diagnostics read
         orthogonal = [o.astype(d) for o, d in zip(orthogonal, out_dtypes)]
         diagnostics = None
         if diag is not None:
             shapes = [lay.block_shape(the_mesh) for lay in layouts]
-            diagnostics = _diagnostics.compute(
+            full_statics = _diagnostics.Statics(full_scales, [1.0] * len(layouts))
+            block_statics = _diagnostics.Statics(
+                [shape_scale(*b, consistent_rms) for b in shapes],
+                [
+                    block_lr_factor(lay.matrix_shape, b, block_lr_rule, consistent_rms)
+                    for lay, b in zip(layouts, shapes)
+                ],
+            )
+            if adaptive:  # |⟨M, O⟩| multiplies U
+                coefs = [
+                    jnp.abs(_dual_pairing(m, o)).astype(jnp.float32)
+                    for m, o in zip(direction(mu_leaves, grad_leaves), orthogonal)
+                ]
+                full_statics, block_statics = (
+                    s._replace(scales=[c * x for c, x in zip(coefs, s.scales)])
+                    for s in (full_statics, block_statics)
+                )
+            diagnostics = _diagnostics.update(
                 diag,
-                orthogonal,
+                state.diagnostics,
+                state.count,
+                ns_out,
                 mu_leaves,
                 is_full,
                 layouts,
                 the_mesh,
-                full_scales=full_scales,
-                block_scales=[shape_scale(*b, consistent_rms) for b in shapes],
-                block_factors=[
-                    block_lr_factor(lay.matrix_shape, b, block_lr_rule, consistent_rms)
-                    for lay, b in zip(layouts, shapes)
-                ],
-                adaptive_coefs=[
-                    _dual_pairing(m, o)
-                    for m, o in zip(direction(mu_leaves, grad_leaves), orthogonal)
-                ]
-                if adaptive
-                else None,
+                full=full_statics,
+                block=block_statics,
                 treedef=treedef,
             )
 

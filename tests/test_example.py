@@ -95,30 +95,35 @@ def test_command_smoke(tmp_path):
     kinds = [r["kind"] for r in records if r["optimizer"] == "muonbp"]
     assert kinds == ["full", "block", "full", "block"]  # update t (0-based) is full iff t % 2 == 0
 
-    # Diagnostics: MuonBP's rows have every aggregate, finite; AdamW's have them empty.
+    # Diagnostics: MuonBP's rows have every aggregate of the record of the step's kind, finite
+    # and measured at that step (the example measures every update); AdamW's rows are empty.
     fields = "update_rms update_spectral block_spectral ns_sigma_max ns_sigma_min momentum_norm"
-    columns = ["full_step", "learning_rate"]
-    columns += [f"{f}_{s}" for f in fields.split() for s in ("mean", "max", "min")]
-    assert set(columns) <= set(records[0])
+    record = lambda kind: [
+        f"{kind}/{f}_{s}" for f in fields.split() for s in ("mean", "max", "min")
+    ]
+    columns = ["full_step", "learning_rate", "full/step", "block/step", *record("full")]
+    assert set(columns + record("block")) <= set(records[0])
     for r in records:
-        values = [r[c] for c in columns]
         if r["optimizer"] == "adamw":
-            assert values == [""] * len(columns)
+            assert [r[c] for c in columns] == [""] * len(columns)
             continue
-        assert all(math.isfinite(float(v)) for v in values), r
         t = int(r["step"]) - 1
-        assert float(r["full_step"]) == (1.0 if t % 2 == 0 else 0.0)
+        kind, other = ("full", "block") if t % 2 == 0 else ("block", "full")
+        assert float(r["full_step"]) == (1.0 if kind == "full" else 0.0)
+        assert int(float(r[f"{kind}/step"])) == t and int(float(r[f"{other}/step"])) == t - 1
+        assert all(math.isfinite(float(r[c])) for c in record(kind)), r
+        get = lambda key, r=r, kind=kind: float(r[f"{kind}/{key}"])
         # Newton–Schulz maps singular values into about [0.7, 1.2] (never above 1.5), and
         # σ_min ≤ σ_max; a submatrix's spectral norm is at most the whole matrix's, and on a
         # full step the orthogonalized piece is the whole matrix.
-        sigma_min, sigma_max = float(r["ns_sigma_min_min"]), float(r["ns_sigma_max_max"])
+        sigma_min, sigma_max = get("ns_sigma_min_min"), get("ns_sigma_max_max")
         assert 0 <= sigma_min <= sigma_max < 1.5, r
-        whole, block = float(r["update_spectral_max"]), float(r["block_spectral_max"])
-        if t % 2 == 0:
+        whole, block = get("update_spectral_max"), get("block_spectral_max")
+        if kind == "full":
             assert whole == pytest.approx(block, rel=1e-5), r
         else:
             assert whole >= block * (1 - 1e-4), r
-        assert float(r["update_rms_max"]) > 0 and float(r["momentum_norm_max"]) > 0
+        assert get("update_rms_max") > 0 and get("momentum_norm_max") > 0
     summary = json.loads((out / "metrics.json").read_text())
     assert set(summary["runs"]) == set(names) and "jax" in summary["versions"]
     json_steps = summary["runs"]["muonbp"]["steps"]

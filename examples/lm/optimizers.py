@@ -41,11 +41,12 @@ DEFAULT_LR = {
 PERIODS = {"muon": 1, "blockmuon": None, "optax_muon": 1}
 ADAM = {"b1": 0.9, "b2": 0.95}  # the usual LM setting, for AdamW and every Muon's AdamW part
 WARMUP_FRACTION = 0.05
-# What the MuonBP-family optimizers record each step (muonbp_jax.read_diagnostics reads it):
-# the whole update's spectral norm also on block steps (vector all-reduces on sharded leaves),
-# so that block and full steps can be compared in one plot; 3 Lanczos iterations instead of
-# the library's 5 (a little cheaper; most of the cost does not depend on them, see README).
-DIAGNOSTICS = muonbp_jax.Diagnostics(iterations=3, whole_norm_on_block_steps=True)
+# What the MuonBP-family optimizers record (muonbp_jax.read_diagnostics reads it): every update
+# (the library samples every 100th by default; this short run draws a curve per step), the
+# whole update's spectral norm also on block steps (vector all-reduces on sharded leaves), so
+# that block and full steps can be compared in one plot, and 3 Lanczos iterations instead of
+# the library's 5 (a little cheaper).
+DIAGNOSTICS = muonbp_jax.Diagnostics(every=1, iterations=3, whole_norm_on_block_steps=True)
 
 
 def schedule(lr: float, steps: int) -> optax.Schedule:

@@ -139,7 +139,11 @@ def plot_diagnostics(runs: dict[str, dict[str, Any]], path: Path, title: str) ->
     for name, steps in shown.items():
         step = np.array([s["step"] for s in steps])
         full = np.array([s["full_step"] for s in steps]) > 0.5
-        value = lambda key, steps=steps: np.array([s[key] for s in steps], dtype=float)
+        # Each step's own record: the optimizers measure every update (DIAGNOSTICS.every = 1),
+        # so the record of the step's kind is that step's.
+        value = lambda key, steps=steps: np.array(
+            [s[("full/" if s["full_step"] > 0.5 else "block/") + key] for s in steps], dtype=float
+        )
         # Markers where full and block steps alternate; a run of one kind says so in its label.
         mark = full if 0 < full.sum() < len(full) else np.zeros_like(full)
         label = name + {0: " (block steps only)", len(full): " (every step full)"}.get(
