@@ -5,19 +5,9 @@ Opt-in (`diagnostics=True` or `Diagnostics(...)` in `scale_by_muonbp`/`muonbp`):
 `optax.tree.get(opt_state, "diagnostics")`, and `scale_by_step_learning_rate` records the rate it
 applied (`learning_rate`); `read_diagnostics(opt_state)` flattens both into a dict of scalars.
 
-Every update records its kind and step size. The measurements below are taken on a sample:
-the first full step and the first block step of every window of `Diagnostics.every` updates
-(100 by default; 1 measures every update). The state keeps the last measured full step and the
-last measured block step side by side (`MuonBPDiagnostics.full`, `.block`, each with the index
-of the update it describes), so a logger that reads it at any step sees a recent one of each.
-An update that is not measured runs none of the measurement: one `lax.switch` on the counter
-skips it.
-
 What is measured, per matrix leaf, on the update U = s·O of the paper (O the Newton–Schulz
 output: the whole matrix on full steps, one per block on block steps; s the shape scale of what
-was orthogonalized), so that the parameter moves by −learning_rate·ρ·U (plus weight decay; ρ
-the block factor, 1 on full steps). U is read as the transformation returns it (ρ·U, in the
-parameters' dtype), and O's singular values are U's divided by s:
+was orthogonalized), so that the parameter moves by −learning_rate·U (plus weight decay):
 
 * the update's RMS (exact) and spectral norm ‖U‖₂ (of the whole matrix, max over the leaf's
   matrices), and the block spectral norm max_b ‖U_b‖₂ over the blocks that were orthogonalized
@@ -33,7 +23,7 @@ vector, with full reorthogonalization: each iteration is one product with the Gr
 matrix-vector products with the matrix, as a power iteration), and its Ritz values bracket the
 spectrum from inside, so σ_max is never overestimated and σ_min never underestimated; a few
 iterations find σ_max well (a Krylov space beats a power iteration of the same length) and
-σ_min more roughly. Same-shape leaves (a model's layers) share one batched recurrence.
+σ_min more roughly.
 
 Communication: block statistics are per block, inside `jax.shard_map`, combined by one
 all-reduce (max) of four floats per leaf; norms by scalar all-reduces. The whole matrix's
@@ -422,35 +412,33 @@ def _measure(
     config: Diagnostics,
     full: bool,
     step: jax.Array,
-    updates: list[jax.Array],
+    orthogonal: list[jax.Array],
     momentum: list[jax.Array],
     statics: Statics,
     layouts: list[Layout],
     mesh: Mesh | None,
     treedef: Any,
 ) -> StepRecord:
-    """The record of update `step`, a full or a block step, from the update ρ·U = ρ·s·O it
-    returned (ρ = 1 on full steps)."""
-    sigmas = _sigmas(updates, layouts, mesh, config, full)
+    """The record of update `step`, a full or a block step."""
+    sigmas = _sigmas(orthogonal, layouts, mesh, config, full)
     f32 = lambda v: jnp.stack([jnp.asarray(x, jnp.float32) for x in v])
-    # The returned update is ρ·U on block steps (ρ is applied with the rate's part of it).
-    scale, rho = f32(statics.scales), f32(statics.factors)
-    size = f32([int(np.prod(u.shape)) for u in updates])
-    fro = jnp.sqrt(jnp.stack([_abs2_sum(u) for u in updates]))
+    scale = f32(statics.scales)
+    size = f32([int(np.prod(o.shape)) for o in orthogonal])
+    fro = jnp.sqrt(jnp.stack([_abs2_sum(o) for o in orthogonal]))
     leaves = LeafDiagnostics(
-        block_factor=rho,
-        update_rms=fro / jnp.sqrt(size) / rho,
-        update_spectral=sigmas.whole_max / rho,
-        block_spectral=sigmas.piece_max / rho,
-        ns_sigma_max=sigmas.piece_max / (rho * scale),
-        ns_sigma_min=sigmas.piece_min / (rho * scale),
+        block_factor=f32(statics.factors),
+        update_rms=scale * fro / jnp.sqrt(size),
+        update_spectral=scale * sigmas.whole_max,
+        block_spectral=scale * sigmas.piece_max,
+        ns_sigma_max=sigmas.piece_max,
+        ns_sigma_min=sigmas.piece_min,
         momentum_norm=jnp.sqrt(jnp.stack([_abs2_sum(m) for m in momentum])),
     )
     per_leaf = None
     if config.per_leaf:
         per_leaf = jax.tree.unflatten(
             treedef,
-            [LeafDiagnostics(*(v[i] for v in leaves)) for i in range(len(updates))],
+            [LeafDiagnostics(*(v[i] for v in leaves)) for i in range(len(orthogonal))],
         )
     over = lambda fn: LeafDiagnostics(*(fn(v) for v in leaves))
     return StepRecord(
@@ -471,7 +459,7 @@ def update(
     config: Diagnostics,
     previous: MuonBPDiagnostics,
     step: jax.Array,
-    updates: list[jax.Array],
+    orthogonal: list[jax.Array],
     momentum: list[jax.Array],
     is_full: jax.Array | bool,
     layouts: list[Layout],
@@ -485,9 +473,8 @@ def update(
 
     Args:
       previous: the diagnostics before this update.
-      updates: the update U = s·O of each leaf as the transformation returns it (materialized
-        anyway, so a measurement reads no array that would otherwise fuse away).
-      momentum: the new momentum leaves (their Frobenius norms are recorded).
+      orthogonal: the Newton–Schulz outputs O, one per leaf (as `lax.cond` produced them).
+      momentum: the momentum leaves (their Frobenius norms are recorded).
       is_full: the step kind (a traced bool under `lax.cond`, or a static one).
       full, block: the per-leaf constants of each kind of step.
       treedef: the structure of the updates (for `per_leaf`).
@@ -497,7 +484,7 @@ def update(
     chooses, so an update that is not measured runs none of the measurement.
     """
     every = config.every
-    operands = (updates, momentum)
+    operands = (orthogonal, momentum)
     measure = lambda kind_full, statics: (
         lambda ops: _measure(config, kind_full, step, *ops, statics, layouts, mesh, treedef)
     )

@@ -330,8 +330,9 @@ def scale_by_muonbp(
 
     def update_fn(updates, state, params=None):
         del params
+        mu = optax.tree.update_moment(updates, state.mu, beta, 1)
         count_inc = optax.safe_increment(state.count)
-        old_mu_leaves, treedef = jax.tree.flatten(state.mu)
+        mu_leaves, treedef = jax.tree.flatten(mu)
         grad_leaves = treedef.flatten_up_to(updates)
 
         def direction(mus, grads):
@@ -348,7 +349,10 @@ def scale_by_muonbp(
                 (mu_coef * m + g_coef * g).astype(jnp.result_type(m, g)) for m, g in zip(mus, grads)
             ]
 
-        the_mesh, layouts = plan(state.mu)
+        out_dtypes = [
+            jnp.result_type(m, g) if nesterov else m.dtype for m, g in zip(mu_leaves, grad_leaves)
+        ]
+        the_mesh, layouts = plan(jax.tree.unflatten(treedef, mu_leaves))
         ns = NewtonSchulz.create(
             ns_coeffs,
             _static_ns_steps(ns_steps),
@@ -359,23 +363,15 @@ def scale_by_muonbp(
             platform=_platform(the_mesh),
         )
 
-        def moment(operands):
-            old, grads = operands
-            return optax.tree.update_moment(grads, old, beta, 1), grads
-
-        # Each branch takes (old momentum, gradient) — what exists before the update — and
-        # forms the new momentum and the direction itself, so that they fuse with the
-        # Newton–Schulz input pass as they do without a conditional; it returns the new
-        # momentum and the Newton–Schulz output in its own (half-precision) dtype. The casts
-        # and scalings below fuse with what follows.
+        # Each branch forms the direction from (momentum, gradient) itself and returns the
+        # Newton–Schulz output in its own (half-precision) dtype: what crosses the conditional
+        # is what exists anyway, and the casts and scalings below fuse with what follows.
         def full(operands):
-            mus, grads = moment(operands)
-            xs = direction(mus, grads)
-            return _steps.full_step(xs, layouts, the_mesh, ns, strategy=full_strategy), mus
+            xs = direction(*operands)
+            return _steps.full_step(xs, layouts, the_mesh, ns, strategy=full_strategy)
 
         def block(operands):
-            mus, grads = moment(operands)
-            return _steps.block_step(direction(mus, grads), layouts, the_mesh, ns), mus
+            return _steps.block_step(direction(*operands), layouts, the_mesh, ns)
 
         # Static per leaf: the shape scale of what each kind of step orthogonalizes and, on block
         # steps, the leaf's block step-size factor.
@@ -386,24 +382,16 @@ def scale_by_muonbp(
             factor = block_lr_factor(lay.matrix_shape, (rows, cols), block_lr_rule, consistent_rms)
             block_scales.append(shape_scale(rows, cols, consistent_rms) * factor)
 
-        operands = (old_mu_leaves, grad_leaves)
+        operands = (mu_leaves, grad_leaves)
         is_full = is_full_step(state.count, period)
         if isinstance(is_full, bool):
-            orthogonal, mu_leaves = (full if is_full else block)(operands)
+            orthogonal = (full if is_full else block)(operands)
             scales = full_scales if is_full else block_scales
         else:
-            orthogonal, mu_leaves = jax.lax.cond(is_full, full, block, operands)
+            orthogonal = jax.lax.cond(is_full, full, block, operands)
             scales = [jnp.where(is_full, f, b) for f, b in zip(full_scales, block_scales)]
-        out_dtypes = [
-            jnp.result_type(m, g) if nesterov else m.dtype for m, g in zip(mu_leaves, grad_leaves)
-        ]
+        ns_out = orthogonal  # in the iteration's dtype: what diagnostics read
         orthogonal = [o.astype(d) for o, d in zip(orthogonal, out_dtypes)]
-        if adaptive:
-            coefs = [
-                _dual_pairing(m, o) for m, o in zip(direction(mu_leaves, grad_leaves), orthogonal)
-            ]
-            orthogonal = [c * o for c, o in zip(coefs, orthogonal)]
-        new_updates = [(o * s).astype(o.dtype) for o, s in zip(orthogonal, scales)]
         diagnostics = None
         if diag is not None:
             shapes = [lay.block_shape(the_mesh) for lay in layouts]
@@ -416,15 +404,19 @@ def scale_by_muonbp(
                 ],
             )
             if adaptive:  # |⟨M, O⟩| multiplies U
+                coefs = [
+                    jnp.abs(_dual_pairing(m, o)).astype(jnp.float32)
+                    for m, o in zip(direction(mu_leaves, grad_leaves), orthogonal)
+                ]
                 full_statics, block_statics = (
-                    s._replace(scales=[jnp.abs(c) * x for c, x in zip(coefs, s.scales)])
+                    s._replace(scales=[c * x for c, x in zip(coefs, s.scales)])
                     for s in (full_statics, block_statics)
                 )
             diagnostics = _diagnostics.update(
                 diag,
                 state.diagnostics,
                 state.count,
-                new_updates,
+                ns_out,
                 mu_leaves,
                 is_full,
                 layouts,
@@ -434,14 +426,18 @@ def scale_by_muonbp(
                 treedef=treedef,
             )
 
+        if adaptive:
+            orthogonal = [
+                _dual_pairing(m, o) * o
+                for m, o in zip(direction(mu_leaves, grad_leaves), orthogonal)
+            ]
+        new_updates = [(o * s).astype(o.dtype) for o, s in zip(orthogonal, scales)]
         return jax.tree.unflatten(treedef, new_updates), MuonBPState(
             # The momentum keeps the dtype it was created with: a hyperparameter injected as a
             # float32 array (optax.inject_hyperparams) would otherwise promote bfloat16 momenta
             # to float32 after the first update, and the next call would compile again.
             count=count_inc,
-            mu=jax.tree.unflatten(
-                treedef, [m.astype(old.dtype) for m, old in zip(mu_leaves, old_mu_leaves)]
-            ),
+            mu=jax.tree.map(lambda m, old: m.astype(old.dtype), mu, state.mu),
             diagnostics=diagnostics,
         )
 
