@@ -49,15 +49,16 @@ def measure(
     grid: tuple[int, int] = (1, 8),
     hlo_dir: str | None = None,
     layers: int = 4,
+    with_diagnostics: bool = False,
     **options: Any,
 ) -> dict[str, Any]:
     """Times a period-`period` loop, block and full steps alone, and their difference;
     `options` go to `muonbp` (default: the library's defaults).
 
-    Two more loops locate the switch's cost: the same period-`period` schedule run as two
-    programs chosen on the host (the block-only and full-only updates, one state threaded
-    through both: no `lax.cond`), and the block-only update wrapped in a `lax.cond` whose two
-    branches are that same update (the conditional's own cost, with no second branch)."""
+    Two more loops locate the switch's cost: the same period-`period` optimizer with the step
+    kind chosen on the host (`full_step=`, static: two compiled programs, no `lax.cond`), and
+    the block-only update wrapped in a `lax.cond` whose two branches are that same update (the
+    conditional's own cost, with no second branch)."""
     model = bench_step.SMALL if small else bench_step.Model(2048, 8192, layers, 32000)
     params = bench_step.random_tree(model, seed=0, scale=0.02)
     grads = bench_step.random_tree(model, seed=1, scale=1e-3)
@@ -68,8 +69,12 @@ def measure(
     }
     p, n = period, period * (periods + 1)
     runs = {}
-    for name, kind in ((f"P={p}", p), ("block alone", None), ("full alone", 1)):
-        tx = muonbp_jax.muonbp(1e-3, period=kind, **common)
+    loops = [(f"P={p}", p), ("block alone", None), ("full alone", 1)]
+    if with_diagnostics:
+        loops.append((f"P={p} diagnostics", p))
+    for name, kind in loops:
+        extra = {"diagnostics": True} if name.endswith("diagnostics") else {}
+        tx = muonbp_jax.muonbp(1e-3, period=kind, **common, **extra)
         state = jax.jit(tx.init)(params)
         step = jax.jit(tx.update)
         if hlo_dir and kind == p:
@@ -78,14 +83,16 @@ def measure(
             Path(hlo_dir, f"period{p}_update.hlo.txt").write_text(text)
         runs[name] = loop_times(step, state, params, grads, n)
         if kind is None:
-            block_tx, block_step, state0 = tx, step, state
-        elif kind == 1:
-            full_step = step
-    # The host switch: update i runs the full-only program iff i % p == 0.
-    state, times = state0, []
+            block_tx, state0 = tx, state
+        if name == f"P={p}":
+            host_tx, host_state = tx, state
+    # The host switch: the same period-p optimizer, the kind passed as `full_step` (static):
+    # two compiled programs, no conditional.
+    by_host = jax.jit(host_tx.update, static_argnames="full_step")
+    state, times = host_state, []
     for i in range(n):
         start = time.perf_counter()
-        out, state = (full_step if i % p == 0 else block_step)(grads, state, params)
+        out, state = by_host(grads, state, params, full_step=muonbp_jax.is_full_step(i, p))
         jax.block_until_ready(out)
         times.append(1e3 * (time.perf_counter() - start))
     runs["host switch"] = times
@@ -121,7 +128,7 @@ def measure(
             "overhead ms": statistics.mean(loop) - alone_mean,
         },
         {
-            "update": f"mean of P={p}, host switch (two programs)",
+            "update": f"mean of P={p}, full_step= from the host",
             "alone ms": alone_mean,
             "in P loop ms": statistics.mean(timed["host switch"]),
             "overhead ms": statistics.mean(timed["host switch"]) - alone_mean,
@@ -133,6 +140,16 @@ def measure(
             "overhead ms": statistics.median(timed["block in cond"]) - block,
         },
     ]
+    if with_diagnostics:  # every=100: none of the timed updates is measured
+        with_diag = statistics.mean(timed[f"P={p} diagnostics"])
+        rows.append(
+            {
+                "update": f"mean of P={p}, diagnostics=True (not measured)",
+                "alone ms": statistics.mean(loop),
+                "in P loop ms": with_diag,
+                "overhead ms": with_diag - statistics.mean(loop),
+            }
+        )
     title = f"{jax.devices()[0].device_kind}, block_grid {grid}, {model}"
     print(_timing.table(rows, ["update", "alone ms", "in P loop ms", "overhead ms"], title))
     return {"environment": _timing.environment(), "rows": rows, "raw_ms": timed}
@@ -144,6 +161,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--period", type=int, default=5)
     parser.add_argument("--periods", type=int, default=6, help="timed periods")
     parser.add_argument("--layers", type=int, default=4, help="layers of the tree (16: 1.2B)")
+    parser.add_argument(
+        "--diagnostics", action="store_true", help="also the P loop with diagnostics=True"
+    )
     parser.add_argument("--block-grid", default="1,8", help="r,c tiles emulating TP blocks")
     parser.add_argument("--hlo", default=None, help="write the compiled P-loop update here")
     parser.add_argument("--ns-method", default=None, help="muonbp's ns_method (default: its)")
@@ -152,7 +172,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     grid = tuple(int(v) for v in args.block_grid.split(","))
     options = {k: v for k, v in (("ns_method", args.ns_method), ("ns_coeffs", args.ns_coeffs)) if v}
-    payload = measure(args.small, args.period, args.periods, grid, args.hlo, args.layers, **options)
+    payload = measure(
+        args.small,
+        args.period,
+        args.periods,
+        grid,
+        args.hlo,
+        args.layers,
+        args.diagnostics,
+        **options,
+    )
     payload["options"] = options
     _timing.write_json(args.out, payload)
     return payload

@@ -408,7 +408,7 @@ class Statics(NamedTuple):
     factors: Sequence[float]
 
 
-def _measure(
+def measure(
     config: Diagnostics,
     full: bool,
     step: jax.Array,
@@ -450,72 +450,31 @@ def _measure(
     )
 
 
-def _due(record: StepRecord, step: jax.Array, every: int) -> jax.Array:
-    """Whether update `step` is the first of its kind in its window of `every` updates."""
+def due(record: StepRecord, step: jax.Array, every: int) -> jax.Array:
+    """Whether update `step` is the first of its kind in its window of `every` updates (the
+    kind whose last measurement is `record`)."""
     return (record.step < 0) | (record.step // every < step // every)
 
 
-def update(
-    config: Diagnostics,
-    previous: MuonBPDiagnostics,
-    step: jax.Array,
-    orthogonal: list[jax.Array],
-    momentum: list[jax.Array],
+def with_record(previous: MuonBPDiagnostics, full: bool, record: StepRecord):
+    """(full record, block record) of `previous` with one kind's replaced."""
+    return (record, previous.block) if full else (previous.full, record)
+
+
+def finish(
+    records: tuple[StepRecord, StepRecord],
     is_full: jax.Array | bool,
-    layouts: list[Layout],
-    mesh: Mesh | None,
-    *,
     full: Statics,
     block: Statics,
-    treedef: Any,
 ) -> MuonBPDiagnostics:
-    """The diagnostics after update `step` (its 0-based index).
-
-    Args:
-      previous: the diagnostics before this update.
-      orthogonal: the Newton–Schulz outputs O, one per leaf (as `lax.cond` produced them).
-      momentum: the momentum leaves (their Frobenius norms are recorded).
-      is_full: the step kind (a traced bool under `lax.cond`, or a static one).
-      full, block: the per-leaf constants of each kind of step.
-      treedef: the structure of the updates (for `per_leaf`).
-
-    The update is measured when it is the first of its kind in its window of `config.every`
-    updates; otherwise its kind's record is carried over. One `lax.switch` (or `lax.cond`)
-    chooses, so an update that is not measured runs none of the measurement.
-    """
-    every = config.every
-    operands = (orthogonal, momentum)
-    measure = lambda kind_full, statics: (
-        lambda ops: _measure(config, kind_full, step, *ops, statics, layouts, mesh, treedef)
-    )
+    """The diagnostics after an update: its kind and block factors, and the two records."""
     factors = lambda s: jnp.stack([jnp.asarray(f, jnp.float32) for f in s.factors])
-    if isinstance(is_full, bool):
-        kind = "full" if is_full else "block"
-        record = getattr(previous, kind)
-        fn = measure(is_full, full if is_full else block)
-        if every == 1:
-            new = fn(operands)
-        else:
-            new = jax.lax.cond(_due(record, step, every), fn, lambda _: record, operands)
-        records = previous._replace(**{kind: new})
-        rho = factors(full if is_full else block)
-    else:
-        keep = lambda _: (previous.full, previous.block)
-        on_block = lambda ops: (previous.full, measure(False, block)(ops))
-        on_full = lambda ops: (measure(True, full)(ops), previous.block)
-        if every == 1:
-            new_full, new_block = jax.lax.cond(is_full, on_full, on_block, operands)
-        else:
-            due = jnp.where(
-                is_full, _due(previous.full, step, every), _due(previous.block, step, every)
-            )
-            index = jnp.where(due, jnp.where(is_full, 2, 1), 0)
-            new_full, new_block = jax.lax.switch(index, [keep, on_block, on_full], operands)
-        records = previous._replace(full=new_full, block=new_block)
-        rho = jnp.where(is_full, factors(full), factors(block))
-    return records._replace(
+    rho = jnp.where(is_full, factors(full), factors(block))
+    return MuonBPDiagnostics(
         full_step=jnp.asarray(is_full, jnp.float32),
         step_factor=jnp.stack([jnp.mean(rho), jnp.max(rho), jnp.min(rho)]),
+        full=records[0],
+        block=records[1],
     )
 
 

@@ -71,13 +71,46 @@ def is_full_step(count: jax.Array, period: Period) -> jax.Array | bool:
     """Whether the update with 0-based index `count` orthogonalizes whole matrices.
 
     The only place where the step kind is decided: full iff `count % period == 0`, so the first
-    update is full; never for `period=None`; always for `period=1`.
+    update is full; never for `period=None`; always for `period=1`. A Python int `count` (a
+    host-side step number, e.g. for the `full_step` argument of the update) gives a Python
+    bool.
     """
     if period is None:
         return False
     if not isinstance(period, jax.core.Tracer) and int(period) == 1:
         return True
+    if isinstance(count, (int, np.integer)) and not isinstance(period, jax.core.Tracer):
+        return int(count) % int(period) == 0  # a host-side step number: a Python bool
     return jnp.asarray(count) % period == 0
+
+
+def _step_kind(count: jax.Array, period: Period, full_step: Any) -> tuple[Any, Any]:
+    """(the kind this update runs, a traced flag that it differs from the counter's or None).
+
+    `full_step=None` follows the counter (`is_full_step`). A Python bool chooses the kind at
+    trace time, so the update compiles without the conditional; the counter still decides what
+    is right, and an update whose counter disagrees returns NaN (it is traced once per kind and
+    cannot raise at run time).
+    """
+    scheduled = is_full_step(count, period)
+    if full_step is None:
+        return scheduled, None
+    if isinstance(full_step, np.bool_):
+        full_step = bool(full_step)
+    if not isinstance(full_step, bool):
+        raise TypeError(
+            "full_step must be a Python bool known at trace time (pass it as a static argument "
+            f"of jax.jit, e.g. static_argnames='full_step'), got {type(full_step).__name__}. "
+            "Leave it unset to let the step counter choose with a lax.cond."
+        )
+    if isinstance(scheduled, bool):
+        if scheduled != full_step:
+            raise ValueError(
+                f"full_step={full_step}, but period={period!r} makes every update a "
+                f"{'full' if scheduled else 'block'} step."
+            )
+        return scheduled, None
+    return full_step, scheduled != full_step
 
 
 def _platform(mesh: Mesh | None) -> str | None:
@@ -283,7 +316,8 @@ def scale_by_muonbp(
         what it communicates.
 
     Returns:
-      An `optax.GradientTransformation` with state `MuonBPState`.
+      An `optax.GradientTransformationExtraArgs` with state `MuonBPState`; its update takes
+      the optional `full_step` (see `muonbp`).
 
     References:
       Khaled et al., `MuonBP: Faster Muon via Block-Periodic Orthogonalization
@@ -328,8 +362,8 @@ def scale_by_muonbp(
             else _diagnostics.initial(diag, jax.tree.structure(mu), len(layouts)),
         )
 
-    def update_fn(updates, state, params=None):
-        del params
+    def update_fn(updates, state, params=None, *, full_step=None, **extra_args):
+        del params, extra_args
         mu = optax.tree.update_moment(updates, state.mu, beta, 1)
         count_inc = optax.safe_increment(state.count)
         mu_leaves, treedef = jax.tree.flatten(mu)
@@ -382,18 +416,9 @@ def scale_by_muonbp(
             factor = block_lr_factor(lay.matrix_shape, (rows, cols), block_lr_rule, consistent_rms)
             block_scales.append(shape_scale(rows, cols, consistent_rms) * factor)
 
-        operands = (mu_leaves, grad_leaves)
-        is_full = is_full_step(state.count, period)
-        if isinstance(is_full, bool):
-            orthogonal = (full if is_full else block)(operands)
-            scales = full_scales if is_full else block_scales
-        else:
-            orthogonal = jax.lax.cond(is_full, full, block, operands)
-            scales = [jnp.where(is_full, f, b) for f, b in zip(full_scales, block_scales)]
-        ns_out = orthogonal  # in the iteration's dtype: what diagnostics read
-        orthogonal = [o.astype(d) for o, d in zip(orthogonal, out_dtypes)]
-        diagnostics = None
-        if diag is not None:
+        def diag_statics(coefs):
+            """Per kind, the diagnostics' per-leaf constants: shape scales (times |⟨M, O⟩|
+            with `adaptive`: `coefs`) and block factors ρ."""
             shapes = [lay.block_shape(the_mesh) for lay in layouts]
             full_statics = _diagnostics.Statics(full_scales, [1.0] * len(layouts))
             block_statics = _diagnostics.Statics(
@@ -403,28 +428,93 @@ def scale_by_muonbp(
                     for lay, b in zip(layouts, shapes)
                 ],
             )
-            if adaptive:  # |⟨M, O⟩| multiplies U
+            if coefs is None:
+                return full_statics, block_statics
+            return tuple(
+                st._replace(scales=[c * x for c, x in zip(coefs, st.scales)])
+                for st in (full_statics, block_statics)
+            )
+
+        def measure(kind_full, ns_out, ops):
+            """The diagnostics' records after measuring this update (of kind `kind_full`)."""
+            coefs = None
+            if adaptive:
+                outs = [o.astype(d) for o, d in zip(ns_out, out_dtypes)]
                 coefs = [
                     jnp.abs(_dual_pairing(m, o)).astype(jnp.float32)
-                    for m, o in zip(direction(mu_leaves, grad_leaves), orthogonal)
+                    for m, o in zip(direction(*ops), outs)
                 ]
-                full_statics, block_statics = (
-                    s._replace(scales=[c * x for c, x in zip(coefs, s.scales)])
-                    for s in (full_statics, block_statics)
-                )
-            diagnostics = _diagnostics.update(
+            record = _diagnostics.measure(
                 diag,
-                state.diagnostics,
+                kind_full,
                 state.count,
                 ns_out,
-                mu_leaves,
-                is_full,
+                ops[0],
+                diag_statics(coefs)[0 if kind_full else 1],
                 layouts,
                 the_mesh,
-                full=full_statics,
-                block=block_statics,
-                treedef=treedef,
+                treedef,
             )
+            return _diagnostics.with_record(state.diagnostics, kind_full, record)
+
+        def _measured_steps(is_full, branches, operands):
+            """(Newton–Schulz outputs, diagnostics records) of this update. An update that is
+            not measured skips the measurement inside the same conditional that picks the
+            kind of step (one `lax.switch` of four branches), so diagnostics add no
+            conditional to a periodic MuonBP; with a fixed kind, one `lax.cond` picks."""
+            every, previous = diag.every, state.diagnostics
+            keep = (previous.full, previous.block)
+            if isinstance(is_full, bool):
+                ns_out = branches[is_full](operands)
+                record = previous.full if is_full else previous.block
+                if every == 1:
+                    return ns_out, measure(is_full, ns_out, operands)
+                # What the measurement reads: the gradient only for `adaptive`'s pairing.
+                read = operands if adaptive else (operands[0], None)
+                records = jax.lax.cond(
+                    _diagnostics.due(record, state.count, every),
+                    lambda x: measure(is_full, *x),
+                    lambda x: keep,
+                    (ns_out, read),
+                )
+                return ns_out, records
+
+            def measured(kind_full):
+                def run(ops):
+                    ns_out = branches[kind_full](ops)
+                    return ns_out, measure(kind_full, ns_out, ops)
+
+                return run
+
+            if every == 1:
+                return jax.lax.cond(is_full, measured(True), measured(False), operands)
+            skipped = lambda kind_full: lambda ops: (branches[kind_full](ops), keep)
+            due_full = _diagnostics.due(previous.full, state.count, every)
+            due_block = _diagnostics.due(previous.block, state.count, every)
+            index = jnp.where(is_full, 2 + due_full, due_block.astype(jnp.int32))
+            return jax.lax.switch(
+                index,
+                [skipped(False), measured(False), skipped(True), measured(True)],
+                operands,
+            )
+
+        operands = (mu_leaves, grad_leaves)
+        is_full, wrong_kind = _step_kind(state.count, period, full_step)
+        branches = {True: full, False: block}
+        if diag is None:
+            if isinstance(is_full, bool):
+                orthogonal = branches[is_full](operands)
+            else:
+                orthogonal = jax.lax.cond(is_full, full, block, operands)
+            diagnostics = None
+        else:
+            orthogonal, records = _measured_steps(is_full, branches, operands)
+            diagnostics = _diagnostics.finish(records, is_full, *diag_statics(None))
+        if isinstance(is_full, bool):
+            scales = full_scales if is_full else block_scales
+        else:
+            scales = [jnp.where(is_full, f, b) for f, b in zip(full_scales, block_scales)]
+        orthogonal = [o.astype(d) for o, d in zip(orthogonal, out_dtypes)]
 
         if adaptive:
             orthogonal = [
@@ -432,6 +522,8 @@ def scale_by_muonbp(
                 for m, o in zip(direction(mu_leaves, grad_leaves), orthogonal)
             ]
         new_updates = [(o * s).astype(o.dtype) for o, s in zip(orthogonal, scales)]
+        if wrong_kind is not None:  # a host-chosen kind that the counter contradicts
+            new_updates = [jnp.where(wrong_kind, jnp.nan, u).astype(u.dtype) for u in new_updates]
         return jax.tree.unflatten(treedef, new_updates), MuonBPState(
             # The momentum keeps the dtype it was created with: a hyperparameter injected as a
             # float32 array (optax.inject_hyperparams) would otherwise promote bfloat16 momenta
@@ -441,7 +533,7 @@ def scale_by_muonbp(
             diagnostics=diagnostics,
         )
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 class ScaleByStepLearningRateState(NamedTuple):
@@ -471,9 +563,9 @@ def scale_by_step_learning_rate(
         rate = jnp.zeros([], jnp.float32) if diagnostics else None
         return ScaleByStepLearningRateState(count=jnp.zeros([], jnp.int32), learning_rate=rate)
 
-    def update_fn(updates, state, params=None):
-        del params
-        full = is_full_step(state.count, period)
+    def update_fn(updates, state, params=None, *, full_step=None, **extra_args):
+        del params, extra_args
+        full, _ = _step_kind(state.count, period, full_step)  # scale_by_muonbp flags a mismatch
         rate = jnp.where(
             full, value(learning_rate, state.count), value(block_learning_rate, state.count)
         )
@@ -483,7 +575,7 @@ def scale_by_step_learning_rate(
             learning_rate=jnp.asarray(rate, jnp.float32) if diagnostics else None,
         )
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 # Key-path components that mark an embedding or an output head (kept on AdamW by default).
@@ -565,6 +657,16 @@ def muonbp(
 
     Returns:
       An `optax.GradientTransformationExtraArgs`, as `optax.contrib.muon`.
+
+    Choosing the step kind on the host: the update takes an optional keyword argument
+    `full_step` (an optax extra argument, forwarded by `optax.chain`/`optax.partition`/
+    `inject_hyperparams`, and by `nnx.Optimizer.update`). Left unset, a `lax.cond` on the
+    counter picks the kind inside one compiled program. A Python bool instead traces only that
+    kind: jit the training step with `full_step` static and pass
+    `muonbp_jax.is_full_step(step, period)` from a host-side step number — two compiled
+    programs, no conditional (on GPUs the conditional costs a device-to-host read of its
+    predicate and fusion across it; benchmarks/RESULTS.md). The counter stays the authority:
+    an update whose counter disagrees with `full_step` returns NaN.
 
     References:
       Khaled et al., `MuonBP: Faster Muon via Block-Periodic Orthogonalization
