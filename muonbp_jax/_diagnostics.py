@@ -53,9 +53,9 @@ DEFAULT_EVERY = 100
 _START_KEY = 0  # the fixed key of every start vector
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Diagnostics:
-    """What `diagnostics=` of `scale_by_muonbp`/`muonbp` records.
+    """What `diagnostics=` of `scale_by_muonbp`/`muonbp` records (keyword arguments only).
 
     Attributes:
       every: measure the first full step and the first block step of every window of `every`
