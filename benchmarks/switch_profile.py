@@ -96,6 +96,7 @@ def summarize(
         "kernels": len(inside),
         "gaps": [(round(g / 1e3, 1), a[:60], b[:60]) for g, a, b in gaps[:6]],
         "host": [(round(d / 1e3, 1), n[:70]) for d, n in longest],
+        "kernel_list": [(round((t - s) / 1e3, 2), n[:90]) for s, t, n in inside],
     }
 
 
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--period", type=int, default=5)
     parser.add_argument("--out", default=None, help="write the summary to this JSON file")
+    parser.add_argument("--hlo", default=None, help="write the compiled programs here")
     args = parser.parse_args(argv)
     model = bench_step.SMALL if args.small else bench_step.Model(2048, 8192, args.layers, 32000)
     params = bench_step.random_tree(model, seed=0, scale=0.02)
@@ -119,6 +121,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             out, state = step(grads, state, params)
         jax.block_until_ready(out)
         loops[name] = (step, state)
+        if args.hlo:
+            Path(args.hlo).mkdir(parents=True, exist_ok=True)
+            text = step.lower(grads, state, params).compile().as_text()
+            Path(args.hlo, f"{name.replace(' ', '_').replace('=', '')}.hlo.txt").write_text(text)
     trace_dir = tempfile.mkdtemp(prefix="switch_profile_")
     with jax.profiler.trace(trace_dir):
         for name, (step, state) in loops.items():
@@ -167,6 +173,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rows": rows,
         "gaps": {f"{n}/{k}": v[len(v) // 2]["gaps"] for (n, k), v in detail.items()},
         "host": {f"{n}/{k}": v[len(v) // 2]["host"] for (n, k), v in detail.items()},
+        "kernels": {f"{n}/{k}": v[len(v) // 2]["kernel_list"] for (n, k), v in detail.items()},
     }
     _timing.write_json(args.out, payload)
     return payload

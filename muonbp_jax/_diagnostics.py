@@ -60,10 +60,11 @@ class Diagnostics:
     Attributes:
       every: measure the first full step and the first block step of every window of `every`
         updates (updates 0, every, 2·every, … open the windows); the other updates carry the
-        last measurement of their kind and cost one `lax.switch` on the step counter. 1
-        measures every update. The default keeps the amortized cost near 1% of an update
-        (benchmarks/RESULTS.md) while a logger that reads the state at any step sees a recent
-        full and block step.
+        last measurement of their kind. 1 measures every update. In a periodic MuonBP an
+        update that is not measured runs the same branch of the step switch as without
+        diagnostics (the switch has four branches); with a fixed kind (`period` 1 or None, or
+        `full_step=` given) one `lax.cond` of its own skips the measurement.
+        benchmarks/RESULTS.md has the costs.
       per_leaf: also record every leaf's values (a tree like the updates), not only the mean,
         max and min over leaves.
       iterations: Lanczos iterations per singular-value estimate (matrix-vector products with
@@ -215,11 +216,13 @@ def _start(shape: tuple[int, ...], position: jax.Array | int = 0) -> jax.Array:
 
 
 def _real(m: jax.Array) -> jax.Array:
-    """float32 matrices with the singular values of `m` (..., a, b): a complex one becomes its
-    real form [[Re, −Im], [Im, Re]] (2a×2b, every singular value twice). Blocks of it stay
-    blocks: the real forms of a partition of rows and columns partition the real form's."""
+    """Real matrices with the singular values of `m` (..., a, b): a real one as it is (in its
+    own dtype: the products cast it to float32 as they read it), a complex one as its real
+    form [[Re, −Im], [Im, Re]] in float32 (2a×2b, every singular value twice). Blocks of it
+    stay blocks: the real forms of a partition of rows and columns partition the real
+    form's."""
     if not jnp.iscomplexobj(m):
-        return m.astype(jnp.float32)
+        return m
     re, im = jnp.real(m).astype(jnp.float32), jnp.imag(m).astype(jnp.float32)
     return jnp.concatenate([jnp.concatenate([re, -im], -1), jnp.concatenate([im, re], -1)], -2)
 
@@ -305,17 +308,6 @@ def piece_extremes(m: jax.Array, iterations: int) -> tuple[jax.Array, jax.Array]
     m = m.reshape(-1, *m.shape[-2:])
     low, high = _batched([_wide(m, (), (), m.shape[-2] > m.shape[-1])], iterations)[0]
     return low.reshape(lead), high.reshape(lead)
-
-
-def whole_extremes(
-    m: jax.Array, lay: Layout, iterations: int, on_mesh: bool
-) -> tuple[jax.Array, jax.Array]:
-    """(σ_min, σ_max) of each whole matrix of a leaf whose local matrices are `m` (n, R, C).
-
-    Inside `jax.shard_map` (`on_mesh`) the whole matrix is the grid of the devices' blocks over
-    the mesh axes that cut its rows and columns; products with it sum over those axes.
-    """
-    return _batched([_whole_item(m, lay, on_mesh)], iterations)[0]
 
 
 def _whole_item(m: jax.Array, lay: Layout, on_mesh: bool):

@@ -105,10 +105,14 @@ def _step_kind(count: jax.Array, period: Period, full_step: Any) -> tuple[Any, A
         )
     if isinstance(scheduled, bool):
         if scheduled != full_step:
-            raise ValueError(
-                f"full_step={full_step}, but period={period!r} makes every update a "
-                f"{'full' if scheduled else 'block'} step."
+            fixed = period is None or (not isinstance(period, jax.core.Tracer) and period == 1)
+            reason = (
+                f"period={period!r} makes every update a {'full' if scheduled else 'block'} step"
+                if fixed
+                else f"update {int(count)} with period={period!r} is a "
+                f"{'full' if scheduled else 'block'} step"
             )
+            raise ValueError(f"full_step={full_step}, but {reason}.")
         return scheduled, None
     return full_step, scheduled != full_step
 
@@ -267,7 +271,7 @@ def scale_by_muonbp(
     ns_method: Method = "auto",
     block_lr_rule: BlockLrRule = DEFAULT_BLOCK_LR_RULE,
     diagnostics: DiagnosticsOption = False,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     """Momentum, block-periodic orthogonalization and shape scaling (no learning rate).
 
     Every leaf it sees is a matrix leaf (use `muonbp` for routing other leaves to AdamW).
@@ -309,11 +313,12 @@ def scale_by_muonbp(
         devices (jax's default backend without a concrete mesh), decided at trace time.
       block_lr_rule: how block updates are scaled relative to full ones, per leaf, from the
         number and shape of its blocks (see `block_lr_factor`); `"none"` scales both alike.
-      diagnostics: record what each update did in the state's `diagnostics` field (a
-        `MuonBPDiagnostics`; read it with `optax.tree.get(state, "diagnostics")` or
-        `read_diagnostics`): `True`, `"per_leaf"` (also every leaf's values) or a
-        `Diagnostics`; off by default. See `muonbp_jax._diagnostics` for what is measured and
-        what it communicates.
+      diagnostics: record in the state's `diagnostics` field (a `MuonBPDiagnostics`; read it
+        with `optax.tree.get(state, "diagnostics")` or `read_diagnostics`) each update's kind,
+        and measurements of a sample of updates (`Diagnostics.every`: by default the first
+        full and block step of every 100 updates): `True`, `"per_leaf"` (also every leaf's
+        values) or a `Diagnostics`; off by default. See `muonbp_jax._diagnostics` for what is
+        measured and what it communicates.
 
     Returns:
       An `optax.GradientTransformationExtraArgs` with state `MuonBPState`; its update takes
@@ -547,7 +552,7 @@ def scale_by_step_learning_rate(
     *,
     period: Period = DEFAULT_PERIOD,
     diagnostics: bool = False,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     """Multiplies updates by −learning_rate on full steps and −block_learning_rate on block
     steps (schedules are evaluated at the update's 0-based index). With `diagnostics=True` the
     state's `learning_rate` field records the rate applied by the last update."""
@@ -649,9 +654,10 @@ def muonbp(
         norm of block and full updates; 1 for a leaf with one block. See `block_lr_factor`.
       muon_weight_dimension_numbers: as in optax: a tree (or prefix tree, or callable) of
         `MuonDimensionNumbers`, None marking AdamW leaves; overrides the default routing.
-      diagnostics: `True`, `"per_leaf"` or a `Diagnostics`: the Muon state records what each
-        update did (`optax.tree.get(state, "diagnostics")`) and the step-size state the rate
-        it applied; `read_diagnostics(state)` returns both as a dict of scalars.
+      diagnostics: `True`, `"per_leaf"` or a `Diagnostics`: the Muon state records each
+        update's kind and measurements of a sample of updates (`Diagnostics.every`; see
+        `scale_by_muonbp`) under `optax.tree.get(state, "diagnostics")`, and the step-size
+        state the rate it applied; `read_diagnostics(state)` returns both as a dict.
       specs, mesh, block_grid, full_strategy, ns_method, ns_dtype, ns_coeffs, ...: see
         `scale_by_muonbp`. Other arguments as in `optax.contrib.muon`.
 
@@ -666,7 +672,10 @@ def muonbp(
     `muonbp_jax.is_full_step(step, period)` from a host-side step number — two compiled
     programs, no conditional (on GPUs the conditional costs a device-to-host read of its
     predicate and fusion across it; benchmarks/RESULTS.md). The counter stays the authority:
-    an update whose counter disagrees with `full_step` returns NaN.
+    an update whose counter disagrees with `full_step` returns NaN. Under `optax.MultiSteps`
+    the counter counts applied updates, so pass `is_full_step(step // k, period)` for k
+    mini-steps. With diagnostics and `every > 1`, the choice to measure still takes a
+    `lax.cond` of its own.
 
     References:
       Khaled et al., `MuonBP: Faster Muon via Block-Periodic Orthogonalization

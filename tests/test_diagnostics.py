@@ -329,36 +329,63 @@ def test_inject_hyperparams_multisteps_nnx_and_orbax(tmp_path):
     assert any(k.startswith("full/") and k.endswith("/update_rms") for k in got), list(got)
 
 
-def test_every_measures_the_first_full_and_block_step_of_each_window():
-    """With every=3 and period 2 the windows {0,1,2}, {3,4,5}, {6,7} measure updates 0 (full)
-    and 1 (block), 3 (block) and 4 (full), 6 (full) and 7 (block); the other updates carry the
-    record of their kind unchanged, and a measured record equals what every=1 records for
-    the same update."""
+def _expected_records(period, every, updates):
+    """Per update t, the index of the last measured full and block step after t: each window
+    of `every` updates measures the first update of each kind in it (-1: none yet)."""
+    last, seen, out = {True: -1, False: -1}, set(), []
+    for t in range(updates):
+        full = period == 1 or (period is not None and t % period == 0)
+        if (full, t // every) not in seen:
+            seen.add((full, t // every))
+            last[full] = t
+        out.append((last[True], last[False]))
+    return out
+
+
+@pytest.mark.parametrize(
+    "period, adaptive",
+    [(2, False), (None, True), (1, False)],
+    ids=["P2", "blockmuon_adaptive", "P1"],
+)
+def test_every_measures_the_first_full_and_block_step_of_each_window(period, adaptive):
+    """With every=3 the other updates carry the record of their kind unchanged (a periodic
+    MuonBP skips inside its step switch, a fixed kind with a lax.cond of its own), and a
+    measured record equals what every=1 records for the same update. With `adaptive` the
+    recorded update RMS is that of the update returned (its ⟨M, O⟩ factor included)."""
     params = {"w": jnp.asarray(np.random.default_rng(6).standard_normal((8, 16)), jnp.float32)}
     grads = [
         {"w": jnp.asarray(np.random.default_rng(10 + t).standard_normal((8, 16)), jnp.float32)}
         for t in range(8)
     ]
+    lr = 0.1
 
     def run(every):
-        tx = muonbp_jax.muonbp(0.1, period=2, diagnostics=muonbp_jax.Diagnostics(every=every))
-        state, step, seen = tx.init(params), jax.jit(tx.update), []
+        tx = muonbp_jax.muonbp(
+            lr,
+            period=period,
+            adaptive=adaptive,
+            weight_decay=0.0,
+            diagnostics=muonbp_jax.Diagnostics(every=every),
+        )
+        state, step, seen, rms = tx.init(params), jax.jit(tx.update), [], []
         for g in grads:
-            _, state = step(g, state, params)
+            u, state = step(g, state, params)
             seen.append({k: float(v) for k, v in muonbp_jax.read_diagnostics(state).items()})
-        return seen
+            rms.append(float(np.sqrt(np.mean(np.asarray(u["w"], np.float64) ** 2))))
+        return seen, rms
 
-    every1, every3 = run(1), run(3)
-    measured = {"full": [0, 0, 0, 0, 4, 4, 6, 6], "block": [-1, 1, 1, 3, 3, 3, 3, 7]}
-    for kind, steps in measured.items():
-        assert [int(s[f"{kind}/step"]) for s in every3] == steps
-        assert [int(s[f"{kind}/step"]) for s in every1] == [
-            t if (t % 2 == 0) == (kind == "full") else t - 1 for t in range(8)
-        ]
-        for t, m in enumerate(steps):
+    (every1, rms), (every3, _) = run(1), run(3)
+    for t, (full_rec, block_rec) in enumerate(_expected_records(period, 3, len(grads))):
+        got = (int(every3[t]["full/step"]), int(every3[t]["block/step"]))
+        assert got == (full_rec, block_rec), t
+        for kind, m in (("full", full_rec), ("block", block_rec)):
             if m < 0:
+                assert np.isnan(every3[t][f"{kind}/update_rms_mean"])
                 continue
-            # the record every=3 holds at t is the one every=1 made at update m
             for key in (f"{kind}/update_rms_mean", f"{kind}/momentum_norm_max"):
                 assert every3[t][key] == pytest.approx(every1[m][key], rel=1e-6), (kind, t, key)
-    assert [s["full_step"] for s in every3] == [1.0, 0.0] * 4
+    for t, s in enumerate(every1):  # one leaf: the record of update t is its update's
+        kind = "full" if s["full_step"] == 1.0 else "block"
+        assert int(s[f"{kind}/step"]) == t
+        moved = s["learning_rate"] * s[f"{kind}/block_factor_mean"] * s[f"{kind}/update_rms_mean"]
+        assert moved == pytest.approx(rms[t], rel=1e-4), t

@@ -61,3 +61,23 @@ def test_a_kind_the_counter_contradicts():
         blockmuon.update(grads[0], blockmuon.init(params), params, full_step=True)
     with pytest.raises(TypeError, match="static"):
         jax.jit(functools.partial(tx.update))(grads[0], state, params, full_step=jnp.bool_(True))
+
+
+def test_forwarded_by_inject_hyperparams_and_nnx():
+    import optax
+    from flax import nnx
+
+    params, grads, _ = _setup()
+    tx = optax.inject_hyperparams(muonbp_jax.muonbp)(learning_rate=0.1, period=PERIOD)
+    state = tx.init(params)
+    by_host = jax.jit(tx.update, static_argnames="full_step")
+    _, state = by_host(grads[0], state, params, full_step=True)
+    bad, _ = by_host(grads[1], state, params, full_step=True)  # update 1 is a block step
+    assert np.all(np.isnan(np.asarray(bad["w"])))
+
+    model = nnx.Linear(8, 16, use_bias=False, rngs=nnx.Rngs(0))
+    opt = nnx.Optimizer(model, muonbp_jax.muonbp(0.1, period=PERIOD), wrt=nnx.Param)
+    before = np.asarray(model.kernel[...])
+    grads = nnx.grad(lambda m: jnp.sum(m(jnp.ones((2, 8))) ** 2))(model)
+    opt.update(model, grads, full_step=False)  # update 0 is a full step: NaN
+    assert np.all(np.isnan(np.asarray(model.kernel[...]))) and np.all(np.isfinite(before))

@@ -119,6 +119,11 @@ def plot(runs: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _record_kind(s: dict[str, Any]) -> str:
+    """The key prefix of the record of a logged step's kind."""
+    return "full/" if s["full_step"] > 0.5 else "block/"
+
+
 def plot_diagnostics(runs: dict[str, dict[str, Any]], path: Path, title: str) -> bool:
     """For each optimizer that records diagnostics, against steps: the spectral norm of the
     update U before the learning rate (of the whole matrices, solid; of the largest block on
@@ -139,10 +144,12 @@ def plot_diagnostics(runs: dict[str, dict[str, Any]], path: Path, title: str) ->
     for name, steps in shown.items():
         step = np.array([s["step"] for s in steps])
         full = np.array([s["full_step"] for s in steps]) > 0.5
-        # Each step's own record: the optimizers measure every update (DIAGNOSTICS.every = 1),
-        # so the record of the step's kind is that step's.
-        value = lambda key, steps=steps: np.array(
-            [s[("full/" if s["full_step"] > 0.5 else "block/") + key] for s in steps], dtype=float
+        # Each step's own record: the record of the step's kind, when it measured this step
+        # (update index step - 1; the example measures every update, DIAGNOSTICS.every = 1;
+        # with sampling the other steps show as gaps).
+        value = lambda key, steps=steps, kind=_record_kind: np.array(
+            [s[kind(s) + key] if s[kind(s) + "step"] == s["step"] - 1 else np.nan for s in steps],
+            dtype=float,
         )
         # Markers where full and block steps alternate; a run of one kind says so in its label.
         mark = full if 0 < full.sum() < len(full) else np.zeros_like(full)
