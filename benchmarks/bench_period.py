@@ -140,7 +140,7 @@ def measure(
             "overhead ms": statistics.median(timed["block in cond"]) - block,
         },
     ]
-    if with_diagnostics:  # every=100: none of the timed updates is measured
+    if with_diagnostics:  # every=100: no timed update is measured (while n <= 100)
         with_diag = statistics.mean(timed[f"P={p} diagnostics"])
         rows.append(
             {
