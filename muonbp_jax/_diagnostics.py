@@ -448,9 +448,67 @@ def due(record: StepRecord, step: jax.Array, every: int) -> jax.Array:
     return (record.step < 0) | (record.step // every < step // every)
 
 
-def with_record(previous: MuonBPDiagnostics, full: bool, record: StepRecord):
+def _with_record(previous: MuonBPDiagnostics, full: bool, record: StepRecord):
     """(full record, block record) of `previous` with one kind's replaced."""
     return (record, previous.block) if full else (previous.full, record)
+
+
+def step_and_measure(
+    config: Diagnostics,
+    previous: MuonBPDiagnostics,
+    step: jax.Array,
+    is_full: jax.Array | bool,
+    branches: dict[bool, Callable[[Any], list[jax.Array]]],
+    operands: tuple[list[jax.Array], list[jax.Array]],
+    measure: Callable[[bool, list[jax.Array], Any], StepRecord],
+    statics: tuple[Statics, Statics],
+    *,
+    reads_gradient: bool,
+) -> tuple[list[jax.Array], MuonBPDiagnostics]:
+    """Runs the step of kind `is_full` (`branches[kind](operands)`: its Newton–Schulz outputs)
+    and measures it when it is due; returns the outputs and the diagnostics after it.
+
+    `operands` is (momentum, gradient); `measure(kind, outputs, operands)` makes the record of
+    this update; `statics` are the (full, block) per-leaf constants. A traced kind picks its
+    step and whether to measure in one `lax.switch` of four branches (block, block+measure,
+    full, full+measure), so an update that is not measured runs the branch it runs without
+    diagnostics and no second conditional; a fixed kind runs its step, then one `lax.cond`
+    measures or keeps the record. `every=1` needs neither choice.
+    """
+    every = config.every
+    keep = (previous.full, previous.block)
+
+    def measured(kind):
+        def run(ops):
+            out = branches[kind](ops)
+            return out, _with_record(previous, kind, measure(kind, out, ops))
+
+        return run
+
+    if isinstance(is_full, bool):
+        if every == 1:
+            out, records = measured(is_full)(operands)
+        else:
+            out = branches[is_full](operands)
+            # What the measurement reads: the gradient only if `reads_gradient`.
+            reads = operands if reads_gradient else (operands[0], None)
+            records = jax.lax.cond(
+                due(previous.full if is_full else previous.block, step, every),
+                lambda x: _with_record(previous, is_full, measure(is_full, *x)),
+                lambda x: keep,
+                (out, reads),
+            )
+    elif every == 1:
+        out, records = jax.lax.cond(is_full, measured(True), measured(False), operands)
+    else:
+        skipped = lambda kind: lambda ops: (branches[kind](ops), keep)
+        due_full = due(previous.full, step, every)
+        due_block = due(previous.block, step, every).astype(jnp.int32)
+        index = jnp.where(is_full, 2 + due_full, due_block)
+        out, records = jax.lax.switch(
+            index, [skipped(False), measured(False), skipped(True), measured(True)], operands
+        )
+    return out, finish(records, is_full, *statics)
 
 
 def finish(

@@ -415,33 +415,29 @@ def scale_by_muonbp(
         # Static per leaf: the shape scale of what each kind of step orthogonalizes and, on block
         # steps, the leaf's block step-size factor.
         full_scales = [shape_scale(*lay.matrix_shape, consistent_rms) for lay in layouts]
-        block_scales = []
-        for lay in layouts:
-            rows, cols = lay.block_shape(the_mesh)
-            factor = block_lr_factor(lay.matrix_shape, (rows, cols), block_lr_rule, consistent_rms)
-            block_scales.append(shape_scale(rows, cols, consistent_rms) * factor)
+        block_shapes = [lay.block_shape(the_mesh) for lay in layouts]
+        block_factors = [
+            block_lr_factor(lay.matrix_shape, b, block_lr_rule, consistent_rms)
+            for lay, b in zip(layouts, block_shapes)
+        ]
+        block_shape_scales = [shape_scale(*b, consistent_rms) for b in block_shapes]
+        block_scales = [s * f for s, f in zip(block_shape_scales, block_factors)]
 
-        def diag_statics(coefs):
+        def diag_statics(coefs=None):
             """Per kind, the diagnostics' per-leaf constants: shape scales (times |⟨M, O⟩|
             with `adaptive`: `coefs`) and block factors ρ."""
-            shapes = [lay.block_shape(the_mesh) for lay in layouts]
-            full_statics = _diagnostics.Statics(full_scales, [1.0] * len(layouts))
-            block_statics = _diagnostics.Statics(
-                [shape_scale(*b, consistent_rms) for b in shapes],
-                [
-                    block_lr_factor(lay.matrix_shape, b, block_lr_rule, consistent_rms)
-                    for lay, b in zip(layouts, shapes)
-                ],
+            statics = (
+                _diagnostics.Statics(full_scales, [1.0] * len(layouts)),
+                _diagnostics.Statics(block_shape_scales, block_factors),
             )
             if coefs is None:
-                return full_statics, block_statics
+                return statics
             return tuple(
-                st._replace(scales=[c * x for c, x in zip(coefs, st.scales)])
-                for st in (full_statics, block_statics)
+                st._replace(scales=[c * x for c, x in zip(coefs, st.scales)]) for st in statics
             )
 
         def measure(kind_full, ns_out, ops):
-            """The diagnostics' records after measuring this update (of kind `kind_full`)."""
+            """The record of this update (of kind `kind_full`), measured."""
             coefs = None
             if adaptive:
                 outs = [o.astype(d) for o, d in zip(ns_out, out_dtypes)]
@@ -449,72 +445,32 @@ def scale_by_muonbp(
                     jnp.abs(_dual_pairing(m, o)).astype(jnp.float32)
                     for m, o in zip(direction(*ops), outs)
                 ]
-            record = _diagnostics.measure(
-                diag,
-                kind_full,
-                state.count,
-                ns_out,
-                ops[0],
-                diag_statics(coefs)[0 if kind_full else 1],
-                layouts,
-                the_mesh,
-                treedef,
-            )
-            return _diagnostics.with_record(state.diagnostics, kind_full, record)
-
-        def _measured_steps(is_full, branches, operands):
-            """(Newton–Schulz outputs, diagnostics records) of this update. An update that is
-            not measured skips the measurement inside the same conditional that picks the
-            kind of step (one `lax.switch` of four branches), so diagnostics add no
-            conditional to a periodic MuonBP; with a fixed kind, one `lax.cond` picks."""
-            every, previous = diag.every, state.diagnostics
-            keep = (previous.full, previous.block)
-            if isinstance(is_full, bool):
-                ns_out = branches[is_full](operands)
-                record = previous.full if is_full else previous.block
-                if every == 1:
-                    return ns_out, measure(is_full, ns_out, operands)
-                # What the measurement reads: the gradient only for `adaptive`'s pairing.
-                read = operands if adaptive else (operands[0], None)
-                records = jax.lax.cond(
-                    _diagnostics.due(record, state.count, every),
-                    lambda x: measure(is_full, *x),
-                    lambda x: keep,
-                    (ns_out, read),
-                )
-                return ns_out, records
-
-            def measured(kind_full):
-                def run(ops):
-                    ns_out = branches[kind_full](ops)
-                    return ns_out, measure(kind_full, ns_out, ops)
-
-                return run
-
-            if every == 1:
-                return jax.lax.cond(is_full, measured(True), measured(False), operands)
-            skipped = lambda kind_full: lambda ops: (branches[kind_full](ops), keep)
-            due_full = _diagnostics.due(previous.full, state.count, every)
-            due_block = _diagnostics.due(previous.block, state.count, every)
-            index = jnp.where(is_full, 2 + due_full, due_block.astype(jnp.int32))
-            return jax.lax.switch(
-                index,
-                [skipped(False), measured(False), skipped(True), measured(True)],
-                operands,
+            statics = diag_statics(coefs)[0 if kind_full else 1]
+            return _diagnostics.measure(
+                diag, kind_full, state.count, ns_out, ops[0], statics, layouts, the_mesh, treedef
             )
 
         operands = (mu_leaves, grad_leaves)
         is_full, wrong_kind = _step_kind(state.count, period, full_step)
-        branches = {True: full, False: block}
         if diag is None:
             if isinstance(is_full, bool):
-                orthogonal = branches[is_full](operands)
+                orthogonal = (full if is_full else block)(operands)
             else:
                 orthogonal = jax.lax.cond(is_full, full, block, operands)
             diagnostics = None
         else:
-            orthogonal, records = _measured_steps(is_full, branches, operands)
-            diagnostics = _diagnostics.finish(records, is_full, *diag_statics(None))
+            # Without adaptive's pairing a measurement reads no gradient.
+            orthogonal, diagnostics = _diagnostics.step_and_measure(
+                diag,
+                state.diagnostics,
+                state.count,
+                is_full,
+                {True: full, False: block},
+                operands,
+                measure,
+                diag_statics(),
+                reads_gradient=adaptive,
+            )
         if isinstance(is_full, bool):
             scales = full_scales if is_full else block_scales
         else:
