@@ -176,7 +176,7 @@ def parser() -> argparse.ArgumentParser:
         "--diagnostics",
         action="store_true",
         help="record the MuonBP family's per-step diagnostics (metrics columns and "
-        "diagnostics.png); off by default: they cost compile time and 10-25%% of a step here, "
+        "diagnostics.png); off by default: they cost compile time and (measured with 0.3) 10-25%% of a step here, "
         "more on a GPU, and would skew the tokens/s comparison with AdamW",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
