@@ -9,12 +9,15 @@ unchanged; only what they feed it differs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from muonbp_jax._symmetric import Product, hermitian_product, resolve_product
 
 Coeffs = str | Sequence[float] | Sequence[Sequence[float]] | np.ndarray | jax.Array
 Preconditioning = Literal["frobenius", "spectral", "aol", "schatten"]
@@ -112,10 +115,13 @@ def _abs_square(x: jax.Array) -> jax.Array:
     return jnp.square(x)
 
 
-def _newton_schulz_step(x: jax.Array, a: float, b: float, c: float) -> jax.Array:
+def _newton_schulz_step(
+    x: jax.Array, a: float, b: float, c: float, product: str = "dense"
+) -> jax.Array:
     # Quintic step X ← aX + (bA + cA²)X with A = XXᴴ, for X of shape (..., m, n), m ≤ n.
-    gram = x @ _adjoint(x)
-    return a * x + (b * gram + c * gram @ gram) @ x
+    # XXᴴ and A² = A·Aᴴ are Hermitian: `product` may compute them from their lower triangle.
+    gram = hermitian_product(x, x, product)
+    return a * x + (b * gram + c * hermitian_product(gram, gram, product)) @ x
 
 
 def _gram_restarts(steps: int) -> tuple[int, ...]:
@@ -144,7 +150,7 @@ def _uses_gram(m: int, n: int, steps: int) -> bool:
     return newton_schulz_flops(m, n, steps, "gram") < newton_schulz_flops(m, n, steps)
 
 
-def _gram_newton_schulz(x: jax.Array, schedule: np.ndarray) -> jax.Array:
+def _gram_newton_schulz(x: jax.Array, schedule: np.ndarray, product: str = "dense") -> jax.Array:
     """The quintic iteration of `_newton_schulz_step`, carried out on the m×m Gram matrix.
 
     Every iterate is X_k = Q_k·X for a polynomial Q_k of R = XXᵀ, and p(A)·X with A = X_kX_kᵀ
@@ -152,19 +158,23 @@ def _gram_newton_schulz(x: jax.Array, schedule: np.ndarray) -> jax.Array:
     O(m³) per iteration instead of O(m²n) (Zhang, Amsel, Chen and Dao 2026, "Gram
     Newton–Schulz"). R's recursion loses accuracy in half precision (its eigenvalues are the
     squared singular values), so X and R are rebuilt at the restarts of `_gram_restarts`.
+
+    Every m×m product here is of two polynomials of R, which commute, so it is Hermitian (as is
+    XXᴴ): all of them go through `hermitian_product`, which may compute only the lower triangle.
     """
     eye = jnp.eye(x.shape[-2], dtype=x.dtype)
-    gram = x @ _adjoint(x)
+    sym = functools.partial(hermitian_product, product=product)  # a·bᴴ = a·b for Hermitian b
+    gram = sym(x, x)
     restarts, q = _gram_restarts(len(schedule)), None
     for i, (a, b, c) in enumerate(schedule):
         if i in restarts:
             x = q @ x
-            gram, q = x @ _adjoint(x), None
-        poly = float(b) * gram + float(c) * (gram @ gram) + float(a) * eye
+            gram, q = sym(x, x), None
+        poly = float(b) * gram + float(c) * sym(gram, gram) + float(a) * eye
         # All iterates are polynomials of R, so Q and the step polynomial commute.
-        q = poly if q is None else q @ poly
+        q = poly if q is None else sym(q, poly)
         if i + 1 < len(schedule) and i + 1 not in restarts:
-            gram = poly @ (gram @ poly)
+            gram = sym(poly, sym(gram, poly))
     return q @ x
 
 
@@ -218,6 +228,7 @@ class NewtonSchulz:
     preconditioning: Preconditioning
     dtype: jnp.dtype
     method: str  # resolved: "newton_schulz" or "gram" (build with `create`)
+    product: str = "dense"  # resolved: how Hermitian products are computed (`_symmetric`)
 
     @classmethod
     def create(
@@ -230,6 +241,7 @@ class NewtonSchulz:
         dtype: jnp.dtype | None = jnp.bfloat16,
         method: Method = "auto",
         platform: str | None = None,
+        product: Product = "dense",
     ) -> NewtonSchulz:
         if method not in NS_METHODS:
             raise ValueError(f"Unknown Newton–Schulz method {method!r}; use one of {NS_METHODS}.")
@@ -245,7 +257,9 @@ class NewtonSchulz:
         if jnp.issubdtype(compute, jnp.complexfloating):
             compute = jnp.finfo(compute).dtype  # a complex dtype names its precision
         # eps may be traced (optax.inject_hyperparams makes float arguments arrays).
-        return cls(schedule, eps, preconditioning, compute, method)
+        return cls(
+            schedule, eps, preconditioning, compute, method, resolve_product(product, platform)
+        )
 
     def uses_gram(self, m: int, n: int) -> bool:
         """Whether a matrix of this (wide or tall) shape is iterated in the Gram form."""
@@ -273,14 +287,14 @@ class NewtonSchulz:
         """The iteration on prepared (wide) matrices; returns them in the iteration's dtype."""
         schedule = np.asarray(self.schedule)
         if self.uses_gram(*y.shape[-2:]):
-            return _gram_newton_schulz(y, schedule)
+            return _gram_newton_schulz(y, schedule, self.product)
         if len(set(self.schedule)) == 1:
             a, b, c = self.schedule[0]
             return jax.lax.fori_loop(
-                0, len(schedule), lambda _, z: _newton_schulz_step(z, a, b, c), y, unroll=True
+                0, len(schedule), lambda _, z: _newton_schulz_step(z, a, b, c, self.product), y, unroll=True
             )
         for a, b, c in self.schedule:
-            y = _newton_schulz_step(y, a, b, c)
+            y = _newton_schulz_step(y, a, b, c, self.product)
         return y
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -1,0 +1,134 @@
+"""Products whose result is Hermitian, computed from its lower triangle.
+
+Newton–Schulz spends most of its FLOPs on products whose result is known to be Hermitian:
+XXᴴ, and in the Gram form every product of two polynomials of R = XXᴴ (they commute, so
+their product is Hermitian too). Only the lower triangle of such a product needs computing;
+the upper one is its mirror. Two implementations of `hermitian_product(a, b) = a·bᴴ`:
+
+* `"triangular"`: a Pallas (Triton) kernel on GPUs. Each program computes one lower tile
+  (i ≥ j) and writes it and its mirror, so the matmul FLOPs are (t+1)/(2t) of the dense
+  product for t tiles per side. Real float16/bfloat16/float32 only.
+* `"dense"`: the plain product, everywhere else (and for complex input).
+
+The result's upper triangle is the exact mirror of the lower one, so results are exactly
+Hermitian; the dense product's are only up to rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal, get_args
+
+import jax
+import jax.numpy as jnp
+
+Product = Literal["auto", "dense", "triangular"]
+PRODUCTS: tuple[str, ...] = get_args(Product)
+
+
+def _adjoint(x: jax.Array) -> jax.Array:
+    return jnp.conj(jnp.swapaxes(x, -1, -2))
+
+
+def dense_product(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a·bᴴ as one (batched) matmul."""
+    return a @ _adjoint(b)
+
+
+@functools.lru_cache(maxsize=None)
+def _pallas():
+    # Imported on first use: Pallas is part of jax but pulls in its GPU lowering.
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plt
+
+    return pl, plt
+
+
+def _triangular_kernel(a_ref, b_ref, o_ref, *, tile: int, block_k: int, steps: int):
+    pl, plt = _pallas()
+    batch, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+
+    @pl.when(i >= j)
+    def _lower_tile():
+        def accumulate(s, acc):
+            ks = pl.ds(pl.multiple_of(s * block_k, block_k), block_k)
+            return acc + plt.dot(a_ref[:, ks], b_ref[:, ks], trans_b=True)
+
+        acc = jax.lax.fori_loop(0, steps, accumulate, jnp.zeros((tile, tile), jnp.float32))
+        c = acc.astype(o_ref.dtype)
+        o_ref[batch, pl.ds(i * tile, tile), pl.ds(j * tile, tile)] = c
+
+        @pl.when(i > j)
+        def _mirror():
+            o_ref[batch, pl.ds(j * tile, tile), pl.ds(i * tile, tile)] = c.T
+
+
+def triangular_supported(a: jax.Array, tile: int = 128, block_k: int = 64) -> bool:
+    """Whether `triangular_product` takes arrays of a's shape and dtype."""
+    m, k = a.shape[-2:]
+    return (
+        a.dtype in (jnp.float16, jnp.bfloat16, jnp.float32)
+        and m % tile == 0
+        and k % block_k == 0
+        and m >= tile
+    )
+
+
+def triangular_product(
+    a: jax.Array,
+    b: jax.Array,
+    *,
+    tile: int = 128,
+    block_k: int = 64,
+    num_warps: int = 8,
+    num_stages: int = 3,
+    interpret: bool = False,
+) -> jax.Array:
+    """a·bᵀ for real a, b of shape (..., m, k) whose product is symmetric, from its lower
+    tiles only (a Pallas kernel; `interpret=True` runs it anywhere, slowly, for tests)."""
+    pl, plt = _pallas()
+    if a.shape != b.shape or not triangular_supported(a, tile, block_k):
+        raise ValueError(
+            f"triangular_product needs two real (..., m, k) arrays of one shape and dtype with m "
+            f"and k multiples of {tile} and {block_k}; got {a.shape} {a.dtype}, {b.shape}."
+        )
+    lead, (m, k) = a.shape[:-2], a.shape[-2:]
+    a3, b3 = a.reshape(-1, m, k), b.reshape(-1, m, k).astype(a.dtype)
+    tiles = m // tile
+    kernel = functools.partial(
+        _triangular_kernel, tile=tile, block_k=block_k, steps=k // block_k
+    )
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((a3.shape[0], m, m), a.dtype),
+        grid=(a3.shape[0], tiles, tiles),
+        in_specs=[
+            pl.BlockSpec((None, tile, k), lambda n, i, j: (n, i, 0)),
+            pl.BlockSpec((None, tile, k), lambda n, i, j: (n, j, 0)),
+        ],
+        out_specs=pl.BlockSpec(memory_space=pl.ANY),
+        compiler_params=None if interpret else plt.CompilerParams(
+            num_warps=num_warps, num_stages=num_stages
+        ),
+        interpret=interpret,
+        name="hermitian_lower_tiles",
+    )(a3, b3)
+    return out.reshape(*lead, m, m)
+
+
+def resolve_product(product: Product, platform: str | None = None) -> str:
+    """What `"auto"` stands for: the triangular kernel on CUDA GPUs, dense elsewhere."""
+    if product != "auto":
+        return product
+    return "triangular" if (platform or jax.default_backend()) in ("gpu", "cuda") else "dense"
+
+
+def hermitian_product(a: jax.Array, b: jax.Array, product: str = "dense") -> jax.Array:
+    """a·bᴴ, for a product known to be Hermitian (see the module docstring).
+
+    `product` is resolved ("dense" or "triangular"); shapes or dtypes the kernel does not take
+    (complex, sizes not a multiple of its tile) use the dense product.
+    """
+    if product == "triangular" and not jnp.iscomplexobj(a) and triangular_supported(a):
+        return triangular_product(a, b)
+    return dense_product(a, b)
