@@ -88,7 +88,9 @@ def bench_products(shapes, configs, iters: int, interpret: bool) -> list[dict]:
     return rows
 
 
-def bench_newton_schulz(shapes: list[tuple[int, int]], label: str, iters: int) -> list[dict]:
+def bench_newton_schulz(
+    shapes: list[tuple[int, int]], label: str, iters: int, products=("dense", "triangular")
+) -> list[dict]:
     """Newton–Schulz (defaults: Gram form, Polar Express, float16) on `shapes`, batched by
     shape as the library does, with each product."""
     groups: dict[tuple[int, int], int] = {}
@@ -99,7 +101,7 @@ def bench_newton_schulz(shapes: list[tuple[int, int]], label: str, iters: int) -
         for i, (s, n) in enumerate(groups.items())
     ]
     rows, outs = [], {}
-    for product in ("dense", "triangular"):
+    for product in products:
         ns = NewtonSchulz.create(method="gram", product=product)
         fn = jax.jit(lambda ms, ns=ns: orthogonalize_many(ms, ns))
         outs[product] = fn(mats)
@@ -112,17 +114,16 @@ def bench_newton_schulz(shapes: list[tuple[int, int]], label: str, iters: int) -
                 "TFLOP/s (Gram FLOPs)": ns_flops(shapes, "gram") / ms / 1e9,
             }
         )
-    diff = max(
-        float(jnp.max(jnp.abs(d.astype(jnp.float32) - t.astype(jnp.float32))))
-        for d, t in zip(outs["dense"], outs["triangular"])
-    )
     # Orthogonality of the results (σ of the first matrix of each group, float64 on the host).
     for product, out in outs.items():
         s = [np.linalg.svd(np.asarray(o[0], np.float64), compute_uv=False) for o in out]
         row = next(r for r in rows if r["product"] == product)
         row["σ min"] = float(min(v.min() for v in s))
         row["σ max"] = float(max(v.max() for v in s))
-        row["max|Δ| vs dense"] = diff if product == "triangular" else 0.0
+        row["max|Δ| vs dense"] = max(
+            float(jnp.max(jnp.abs(d.astype(jnp.float32) - t.astype(jnp.float32))))
+            for d, t in zip(outs[products[0]], out)
+        )
     print(_timing.table(rows, list(rows[0])), flush=True)
     return rows
 
@@ -133,6 +134,12 @@ def main(argv=None):
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--out", default=None)
     parser.add_argument("--skip-ns", action="store_true")
+    parser.add_argument("--skip-products", action="store_true")
+    parser.add_argument(
+        "--ns-products",
+        default="dense,triangular",
+        help="comma-separated products for the Newton–Schulz runs (dense, triangular, panels:K)",
+    )
     args = parser.parse_args(argv)
     env = _timing.environment()
     print(env, flush=True)
@@ -140,12 +147,17 @@ def main(argv=None):
     interpret = jax.default_backend() != "gpu"
     shapes = SMALL if args.small else SHAPES
     configs = CONFIGS[:1] if args.small else CONFIGS
-    payload = {"environment": env, "products": bench_products(shapes, configs, args.iters, interpret)}
-    print(f"products done in {time.time() - start:.0f} s", flush=True)
+    payload = {"environment": env}
+    if not args.skip_products:
+        payload["products"] = bench_products(shapes, configs, args.iters, interpret)
+        print(f"products done in {time.time() - start:.0f} s", flush=True)
     if not (args.skip_ns or args.small):
-        payload["newton_schulz"] = bench_newton_schulz(FULL.matrix_shapes(), "tree, 112", args.iters)
+        products = tuple(args.ns_products.split(","))
+        payload["newton_schulz"] = bench_newton_schulz(
+            FULL.matrix_shapes(), "tree, 112", args.iters, products
+        )
         payload["newton_schulz"] += bench_newton_schulz(
-            block_tiles(FULL, (1, 8)), "(1, 8) block tiles", args.iters
+            block_tiles(FULL, (1, 8)), "(1, 8) block tiles", args.iters, products
         )
     print(f"done in {time.time() - start:.0f} s", flush=True)
     _timing.write_json(args.out, payload)
