@@ -204,8 +204,14 @@ def _frobenius_normalize(x: jax.Array, eps: float) -> jax.Array:
     matrix uses the first that is finite (its terms neither overflow nor, for those that
     matter, underflow) and divides in that scale: (x·k) / (√Σ(x·k)² + eps·k).
     """
-    axes = (-2, -1)
-    sums = [jnp.sum(jnp.square(x * k), axis=axes, keepdims=True) for k in _SCALES]
+    # One variadic reduction (one kernel, one read of x) rather than three sums XLA might not
+    # fuse.
+    squares = tuple(jnp.square(x * k) for k in _SCALES)
+    zeros = tuple(np.zeros((), x.dtype) for _ in _SCALES)
+    sums = jax.lax.reduce(
+        squares, zeros, lambda a, b: tuple(u + v for u, v in zip(a, b)), (x.ndim - 2, x.ndim - 1)
+    )
+    sums = [t[..., None, None] for t in sums]
     scale, total = _SCALES[-1], sums[-1]
     for k, s in zip(_SCALES[-2::-1], sums[-2::-1]):
         finite = jnp.isfinite(s)
@@ -273,6 +279,10 @@ class NewtonSchulz:
     # False. In place saves two transposes per matrix but gives wide and tall matrices of one
     # shape separate batched iterations.
     tall_in_place: bool = False
+    # Same-shape matrices concatenated before they are normalized (one batched normalization
+    # per shape, in their own dtype) when True, after (one per matrix, in the iteration's) when
+    # False: fewer, larger kernels against a wider copy.
+    normalize_groups: bool = False
 
     @classmethod
     def create(
@@ -306,6 +316,7 @@ class NewtonSchulz:
         return cls(
             schedule, eps, preconditioning, compute, method, resolve_product(product, platform),
             tall_in_place=os.environ.get("MUONBP_JAX_TALL_IN_PLACE") == "1",
+            normalize_groups=os.environ.get("MUONBP_JAX_NORMALIZE_GROUPS") == "1",
         )
 
     def uses_gram(self, m: int, n: int) -> bool:
@@ -324,16 +335,23 @@ class NewtonSchulz:
         """Whether `prepare` leaves x tall (a real tall matrix with `tall_in_place`)."""
         return self.tall_in_place and x.shape[-2] > x.shape[-1] and not jnp.iscomplexobj(x)
 
-    def prepare(self, x: jax.Array) -> jax.Array:
-        """(..., m, n) → wide (..., min, max), normalized, in the iteration's dtype (tall
-        matrices stay tall where `keeps_tall`)."""
+    def orient(self, x: jax.Array) -> jax.Array:
+        """(..., m, n) → wide (..., min, max); tall matrices stay tall where `keeps_tall`."""
         if x.shape[-2] > x.shape[-1] and not self.keeps_tall(x):
-            x = jnp.swapaxes(x, -1, -2)  # not Xᴴ: NS(Xᵀ) = NS(X)ᵀ for complex X too
+            return jnp.swapaxes(x, -1, -2)  # not Xᴴ: NS(Xᵀ) = NS(X)ᵀ for complex X too
+        return x
+
+    def normalize(self, x: jax.Array) -> jax.Array:
+        """Each matrix of x normalized (in float32, or complex64), in the iteration's dtype."""
         if jnp.iscomplexobj(x):
             dtype = self.compute_dtype(*x.shape[-2:], complex_input=True)
             return _precondition(x.astype(dtype), self.preconditioning, self.eps)
         y = _precondition(x.astype(jnp.float32), self.preconditioning, self.eps)
         return y.astype(self.compute_dtype(*x.shape[-2:]))
+
+    def prepare(self, x: jax.Array) -> jax.Array:
+        """`orient`, then `normalize`: what `iterate` takes."""
+        return self.normalize(self.orient(x))
 
     def iterate(self, y: jax.Array) -> jax.Array:
         """The iteration on prepared matrices; returns them in the iteration's dtype."""
@@ -418,14 +436,21 @@ def orthogonalize_many(matrices: Sequence[jax.Array], ns: NewtonSchulz) -> list[
     stay in their complex iteration dtype): the caller casts
     further where the cast can fuse with what follows.
     """
-    prepared = [ns.prepare(m) for m in matrices]
-    groups: dict[tuple[int, int, jnp.dtype], list[int]] = {}
+    if ns.normalize_groups:
+        oriented = [ns.orient(m) for m in matrices]
+        prepared = oriented
+        key = lambda y: (*y.shape[-2:], jnp.iscomplexobj(y))  # noqa: E731
+    else:
+        prepared = [ns.prepare(m) for m in matrices]
+        key = lambda y: (*y.shape[-2:], y.dtype)  # noqa: E731
+    groups: dict[tuple, list[int]] = {}
     for i, y in enumerate(prepared):
-        groups.setdefault((*y.shape[-2:], y.dtype), []).append(i)
+        groups.setdefault(key(y), []).append(i)
     out: list[jax.Array | None] = [None] * len(prepared)
     for members in groups.values():
         parts = [prepared[i] for i in members]
-        result = ns.iterate(jnp.concatenate(parts) if len(parts) > 1 else parts[0])
+        batch = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+        result = ns.iterate(ns.normalize(batch) if ns.normalize_groups else batch)
         if not jnp.iscomplexobj(result):  # complex has no half precision: stays complex64
             result = result.astype(ns.dtype)
         offsets = np.cumsum([0] + [p.shape[0] for p in parts])
