@@ -326,6 +326,15 @@ def bench_quality(m: int, n: int) -> list[dict[str, Any]]:
         for name, fn in QUALITY_METHODS.items():
             got = orthogonality(jax.jit(fn)(x), polar)
             rows.append({"spectrum": kind, "method": name, **{k: float(v) for k, v in got.items()}})
+        # The same matrix transposed (tall): on GPUs the defaults iterate it in place.
+        got = orthogonality(jax.jit(muonbp_jax.orthogonalize)(x.T).T, polar)
+        rows.append(
+            {
+                "spectrum": kind,
+                "method": "defaults on its transpose (tall)",
+                **{k: float(v) for k, v in got.items()},
+            }
+        )
     return rows
 
 

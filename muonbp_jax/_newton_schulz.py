@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from muonbp_jax._symmetric import Product, hermitian_product, resolve_product
+from muonbp_jax._symmetric import Product, gram as _gram, hermitian_product, resolve_product
 
 Coeffs = str | Sequence[float] | Sequence[Sequence[float]] | np.ndarray | jax.Array
 Preconditioning = Literal["frobenius", "spectral", "aol", "schatten"]
@@ -69,6 +69,11 @@ NS_METHODS: tuple[str, ...] = get_args(Method)
 # and examples run and matrices are small (the Gram form was measured up to ~30% faster on wide
 # CPU matrices and no faster on square ones, noise included).
 AUTO_METHODS: dict[str, str] = {"gpu": "gram", "cuda": "gram", "rocm": "gram"}
+# Where tall real matrices are iterated in place (XᵀX and X·p(XᵀX), the transposes folded
+# into the matmuls) instead of being transposed to wide and back: on GPUs, where it was
+# measured 1.3–1.8 ms faster per update of the 1.2 B tree (benchmarks/RESULTS.md); elsewhere
+# unmeasured, so the transposes stay.
+TALL_IN_PLACE_PLATFORMS: tuple[str, ...] = ("gpu", "cuda", "rocm")
 
 
 def resolve_method(method: Method, platform: str | None = None) -> str:
@@ -117,7 +122,7 @@ def _abs_square(x: jax.Array) -> jax.Array:
 
 def _gram_of(x: jax.Array, tall: bool, product: str) -> jax.Array:
     """XXᴴ of a wide X, or XᵀX of a tall real X (the Gram matrix of its transpose)."""
-    return jnp.swapaxes(x, -1, -2) @ x if tall else hermitian_product(x, x, product)
+    return jnp.swapaxes(x, -1, -2) @ x if tall else _gram(x, product)
 
 
 def _newton_schulz_step(
@@ -174,7 +179,7 @@ def _gram_newton_schulz(
     A tall real X is iterated as its transpose without forming it: R = XᵀX and X_k = X·Q_k.
     """
     eye = jnp.eye(min(x.shape[-2:]), dtype=x.dtype)
-    sym = functools.partial(hermitian_product, product=product)  # a·bᴴ = a·b for Hermitian b
+    sym = functools.partial(hermitian_product, product=product)  # a·b, Hermitian
     apply = (lambda q, x: x @ q) if tall else (lambda q, x: q @ x)
     gram = _gram_of(x, tall, product)
     restarts, q = _gram_restarts(len(schedule)), None
@@ -277,12 +282,8 @@ class NewtonSchulz:
     product: str = "dense"  # resolved: how Hermitian products are computed (`_symmetric`)
     # Real tall matrices: iterated in place (XᵀX, X·p(XᵀX)) when True, transposed to wide when
     # False. In place saves two transposes per matrix but gives wide and tall matrices of one
-    # shape separate batched iterations.
+    # shape separate batched iterations. `create` sets it per backend (TALL_IN_PLACE_PLATFORMS).
     tall_in_place: bool = False
-    # Same-shape matrices concatenated before they are normalized (one batched normalization
-    # per shape, in their own dtype) when True, after (one per matrix, in the iteration's) when
-    # False: fewer, larger kernels against a wider copy.
-    normalize_groups: bool = False
 
     @classmethod
     def create(
@@ -311,12 +312,14 @@ class NewtonSchulz:
         if jnp.issubdtype(compute, jnp.complexfloating):
             compute = jnp.finfo(compute).dtype  # a complex dtype names its precision
         # eps may be traced (optax.inject_hyperparams makes float arguments arrays).
-        import os  # TEMPORARY: A/B switch for the GPU measurement, removed once decided
-
         return cls(
-            schedule, eps, preconditioning, compute, method, resolve_product(product, platform),
-            tall_in_place=os.environ.get("MUONBP_JAX_TALL_IN_PLACE") == "1",
-            normalize_groups=os.environ.get("MUONBP_JAX_NORMALIZE_GROUPS") == "1",
+            schedule,
+            eps,
+            preconditioning,
+            compute,
+            method,
+            resolve_product(product, platform),
+            tall_in_place=(platform or jax.default_backend()) in TALL_IN_PLACE_PLATFORMS,
         )
 
     def uses_gram(self, m: int, n: int) -> bool:
@@ -436,21 +439,14 @@ def orthogonalize_many(matrices: Sequence[jax.Array], ns: NewtonSchulz) -> list[
     stay in their complex iteration dtype): the caller casts
     further where the cast can fuse with what follows.
     """
-    if ns.normalize_groups:
-        oriented = [ns.orient(m) for m in matrices]
-        prepared = oriented
-        key = lambda y: (*y.shape[-2:], jnp.iscomplexobj(y))  # noqa: E731
-    else:
-        prepared = [ns.prepare(m) for m in matrices]
-        key = lambda y: (*y.shape[-2:], y.dtype)  # noqa: E731
-    groups: dict[tuple, list[int]] = {}
+    prepared = [ns.prepare(m) for m in matrices]
+    groups: dict[tuple[int, int, jnp.dtype], list[int]] = {}
     for i, y in enumerate(prepared):
-        groups.setdefault(key(y), []).append(i)
+        groups.setdefault((*y.shape[-2:], y.dtype), []).append(i)
     out: list[jax.Array | None] = [None] * len(prepared)
     for members in groups.values():
         parts = [prepared[i] for i in members]
-        batch = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
-        result = ns.iterate(ns.normalize(batch) if ns.normalize_groups else batch)
+        result = ns.iterate(jnp.concatenate(parts) if len(parts) > 1 else parts[0])
         if not jnp.iscomplexobj(result):  # complex has no half precision: stays complex64
             result = result.astype(ns.dtype)
         offsets = np.cumsum([0] + [p.shape[0] for p in parts])

@@ -3,12 +3,16 @@
 Newton–Schulz spends most of its FLOPs on products whose result is known to be Hermitian:
 XXᴴ, and in the Gram form every product of two polynomials of R = XXᴴ (they commute, so
 their product is Hermitian too). Only the lower triangle of such a product needs computing;
-the upper one is its mirror. Two implementations of `hermitian_product(a, b) = a·bᴴ`:
+the upper one is its mirror. `gram(x) = X·Xᴴ` and `hermitian_product(a, b) = a·b (= a·bᴴ)` have
+three implementations:
 
 * `"triangular"`: a Pallas (Triton) kernel on GPUs. Each program computes one lower tile
   (i ≥ j) and writes it and its mirror, so the matmul FLOPs are (t+1)/(2t) of the dense
   product for t tiles per side. Real float16/bfloat16/float32 only.
-* `"dense"`: the plain product, everywhere else (and for complex input).
+* `"panels:K"`: K lower block panels as XLA matmuls, then the mirror assembled:
+  (K+1)/(2K) of the FLOPs, any backend.
+* `"dense"`: the plain product (the default: on one H200 neither of the others was faster,
+  benchmarks/RESULTS.md).
 
 The result's upper triangle is the exact mirror of the lower one, so results are exactly
 Hermitian; the dense product's are only up to rounding.
@@ -17,13 +21,13 @@ Hermitian; the dense product's are only up to rounding.
 from __future__ import annotations
 
 import functools
-from typing import Literal, get_args
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
-Product = Literal["auto", "dense", "triangular"]
-PRODUCTS: tuple[str, ...] = get_args(Product)
+Product = Literal["dense", "triangular"] | str  # or "panels:K"
+PRODUCTS: tuple[str, ...] = ("dense", "triangular", "panels:K")
 
 
 def _adjoint(x: jax.Array) -> jax.Array:
@@ -131,21 +135,37 @@ def panel_product(a: jax.Array, b: jax.Array, splits: int) -> jax.Array:
     return jnp.concatenate(columns, axis=-1)
 
 
-def resolve_product(product: Product, platform: str | None = None) -> str:
-    """What `"auto"` stands for: the triangular kernel on CUDA GPUs, dense elsewhere."""
-    if product != "auto":
+def resolve_product(product: str, platform: str | None = None) -> str:
+    """Checks `product` (the dense one is the default on every backend: see the module
+    docstring); `platform` is accepted for symmetry with the other per-backend choices."""
+    del platform
+    if product in ("dense", "triangular") or (
+        product.startswith("panels:") and product[7:].isdigit() and int(product[7:]) >= 1
+    ):
         return product
-    return "triangular" if (platform or jax.default_backend()) in ("gpu", "cuda") else "dense"
+    raise ValueError(f"Unknown Hermitian product {product!r}; use one of {PRODUCTS}.")
 
 
 def hermitian_product(a: jax.Array, b: jax.Array, product: str = "dense") -> jax.Array:
-    """a·bᴴ, for a product known to be Hermitian (see the module docstring).
+    """a·b for a Hermitian b whose product with a is known to be Hermitian (two commuting
+    polynomials of one Hermitian matrix, say): a·b = a·bᴴ, so only its lower triangle needs
+    computing.
 
-    `product` is resolved ("dense" or "triangular"); shapes or dtypes the kernel does not take
-    (complex, sizes not a multiple of its tile) use the dense product.
+    `product` is resolved ("dense", "triangular" or "panels:K"); shapes or dtypes the kernel
+    does not take (complex, sizes not a multiple of its tile) use the dense product, which is
+    plain `a @ b`.
     """
     if product == "triangular" and not jnp.iscomplexobj(a) and triangular_supported(a):
         return triangular_product(a, b)
     if product.startswith("panels:"):
         return panel_product(a, b, int(product.split(":")[1]))
-    return dense_product(a, b)
+    return a @ b
+
+
+def gram(x: jax.Array, product: str = "dense") -> jax.Array:
+    """X·Xᴴ, from its lower triangle unless `product` is "dense"."""
+    if product == "triangular" and not jnp.iscomplexobj(x) and triangular_supported(x):
+        return triangular_product(x, x)
+    if product.startswith("panels:"):
+        return panel_product(x, x, int(product.split(":")[1]))
+    return dense_product(x, x)
