@@ -22,11 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _timing  # noqa: E402
-from bench_step import FULL, block_tiles, ns_flops  # noqa: E402
+import _timing
+from bench_step import FULL, block_tiles, ns_flops
 
-from muonbp_jax import _symmetric  # noqa: E402
-from muonbp_jax._newton_schulz import NewtonSchulz, orthogonalize_many  # noqa: E402
+from muonbp_jax import _symmetric
+from muonbp_jax._newton_schulz import NewtonSchulz, orthogonalize_many
 
 # (label, batch, m, k): a·bᵀ with a, b of shape (batch, m, k).
 SHAPES = (
@@ -70,9 +70,14 @@ def bench_products(shapes, configs, iters: int, interpret: bool) -> list[dict]:
                 out = fn(a, a)
                 err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
                 ms = _timing.median_ms(fn, a, a, iters=iters)
-            except Exception as e:  # a tiling the compiler refuses: say so, go on
-                rows.append({"shape": label, "impl": f"tri {tile}/{bk}/{warps}/{stages}",
-                             "error": f"{type(e).__name__}: {str(e)[:200]}"})
+            except (ValueError, RuntimeError, jax.errors.JaxRuntimeError) as e:  # a refused tiling
+                rows.append(
+                    {
+                        "shape": label,
+                        "impl": f"tri {tile}/{bk}/{warps}/{stages}",
+                        "error": f"{type(e).__name__}: {str(e)[:200]}",
+                    }
+                )
                 print(rows[-1], flush=True)
                 continue
             rows.append(

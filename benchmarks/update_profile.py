@@ -16,7 +16,6 @@ import argparse
 import collections
 import glob
 import re
-import statistics
 import sys
 import tempfile
 from pathlib import Path

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from muonbp_jax._symmetric import Product, gram as _gram, hermitian_product, resolve_product
+from muonbp_jax._symmetric import Product, hermitian_product, resolve_product
+from muonbp_jax._symmetric import gram as _gram
 
 Coeffs = str | Sequence[float] | Sequence[Sequence[float]] | np.ndarray | jax.Array
 Preconditioning = Literal["frobenius", "spectral", "aol", "schatten"]
@@ -364,7 +365,9 @@ class NewtonSchulz:
         step = functools.partial(_newton_schulz_step, product=self.product, tall=tall)
         if len(set(self.schedule)) == 1:
             a, b, c = self.schedule[0]
-            return jax.lax.fori_loop(0, len(schedule), lambda _, z: step(z, a, b, c), y, unroll=True)
+            return jax.lax.fori_loop(
+                0, len(schedule), lambda _, z: step(z, a, b, c), y, unroll=True
+            )
         for a, b, c in self.schedule:
             y = step(y, a, b, c)
         return y

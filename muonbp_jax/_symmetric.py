@@ -39,7 +39,7 @@ def dense_product(a: jax.Array, b: jax.Array) -> jax.Array:
     return a @ _adjoint(b)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pallas():
     # Imported on first use: Pallas is part of jax but pulls in its GPU lowering.
     from jax.experimental import pallas as pl
@@ -99,9 +99,7 @@ def triangular_product(
     lead, (m, k) = a.shape[:-2], a.shape[-2:]
     a3, b3 = a.reshape(-1, m, k), b.reshape(-1, m, k).astype(a.dtype)
     tiles = m // tile
-    kernel = functools.partial(
-        _triangular_kernel, tile=tile, block_k=block_k, steps=k // block_k
-    )
+    kernel = functools.partial(_triangular_kernel, tile=tile, block_k=block_k, steps=k // block_k)
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((a3.shape[0], m, m), a.dtype),
@@ -111,9 +109,9 @@ def triangular_product(
             pl.BlockSpec((None, tile, k), lambda n, i, j: (n, j, 0)),
         ],
         out_specs=pl.BlockSpec(memory_space=pl.ANY),
-        compiler_params=None if interpret else plt.CompilerParams(
-            num_warps=num_warps, num_stages=num_stages
-        ),
+        compiler_params=None
+        if interpret
+        else plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="hermitian_lower_tiles",
     )(a3, b3)
