@@ -134,7 +134,7 @@ def _newton_schulz_step(
     # with A = XᵀX. XXᴴ and A² = A·Aᴴ are Hermitian: `product` may compute them from their
     # lower triangle.
     gram = _gram_of(x, tall, product)
-    poly = b * gram + c * hermitian_product(gram, gram, product)
+    poly = b * gram + hermitian_product(c * gram, gram, product)  # (cA)·A, as before
     return a * x + (x @ poly if tall else poly @ x)
 
 
@@ -196,46 +196,12 @@ def _gram_newton_schulz(
     return apply(q, x)
 
 
-# The scales of `_frobenius_normalize`'s three sums: 2^80 lifts norms below ~1.5e-5 clear of
-# float32's underflow, 2^-80 brings norms up to float32's maximum below its overflow.
-_SCALES = (2.0**80, 1.0, 2.0**-80)
-
-
-def _frobenius_normalize(x: jax.Array, eps: float) -> jax.Array:
-    """x / (‖X‖_F + eps) per matrix of a real float32 x, reading x once for the norm and safe
-    at any scale.
-
-    Σx² overflows float32 for norms above ~1.8e19 and loses everything below ~1e-19, so three
-    sums are taken side by side (one fused pass over x): of (x·2^80)², x² and (x·2^-80)². Each
-    matrix uses the first that is finite (its terms neither overflow nor, for those that
-    matter, underflow) and divides in that scale: (x·k) / (√Σ(x·k)² + eps·k).
-    """
-    # One variadic reduction (one kernel, one read of x) rather than three sums XLA might not
-    # fuse.
-    squares = tuple(jnp.square(x * k) for k in _SCALES)
-    zeros = tuple(np.zeros((), x.dtype) for _ in _SCALES)
-    sums = jax.lax.reduce(
-        squares, zeros, lambda a, b: tuple(u + v for u, v in zip(a, b)), (x.ndim - 2, x.ndim - 1)
-    )
-    sums = [t[..., None, None] for t in sums]
-    scale, total = _SCALES[-1], sums[-1]
-    for k, s in zip(_SCALES[-2::-1], sums[-2::-1]):
-        finite = jnp.isfinite(s)
-        scale, total = jnp.where(finite, k, scale), jnp.where(finite, s, total)
-    # Division by two square roots: XLA turns x / v into x · (1 / v), and 1 / v is subnormal
-    # (flushed to zero) for v > 2**126.
-    root = jnp.sqrt(jnp.sqrt(total) + eps * scale)
-    return x * scale / root / root
-
-
 def _precondition(x: jax.Array, preconditioning: str, eps: float) -> jax.Array:
     """Scales x (float32, or complex64 for complex x) so that its spectral norm is at most 1.
 
     For complex x every norm is real-valued: max|x|, ‖X‖_F² = Σ|x|², ‖X‖₂, and the Gram forms
     use XXᴴ (Hermitian).
     """
-    if preconditioning == "frobenius" and not jnp.iscomplexobj(x):
-        return _frobenius_normalize(x, eps)
     # Squares overflow float32 above ~1.8e19 (a 1e30 gradient gave a zero update) and underflow
     # below ~1e-19, so norms are taken of x / max|x| per matrix, with eps rescaled to match:
     # the result is still x / (norm(x) + eps), or x·rsqrt(max(·, eps)) for the Gram forms.

@@ -186,4 +186,5 @@ def test_block_grid_on_one_device_equals_eight_device_blocks(ns_dtype):
     for name, parts in [("cols", (1, 8)), ("rows", (8, 1))]:
         expected = -ref.block_update(grads[name], *parts)
         assert ref.relative_error(spread[name], expected) < TOLERANCE[ns_dtype], name
-        np.testing.assert_allclose(local[name], spread[name], rtol=0, atol=1e-6, err_msg=name)
+        # The same arithmetic on other layouts: float32 matmuls may sum in another order.
+        np.testing.assert_allclose(local[name], spread[name], rtol=0, atol=1e-5, err_msg=name)
