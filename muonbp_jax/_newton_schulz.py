@@ -70,11 +70,13 @@ NS_METHODS: tuple[str, ...] = get_args(Method)
 # and examples run and matrices are small (the Gram form was measured up to ~30% faster on wide
 # CPU matrices and no faster on square ones, noise included).
 AUTO_METHODS: dict[str, str] = {"gpu": "gram", "cuda": "gram", "rocm": "gram"}
-# Where tall real matrices are iterated in place (XᵀX and X·p(XᵀX), the transposes folded
-# into the matmuls) instead of being transposed to wide and back: on GPUs, where it was
-# measured 1.3–1.8 ms faster per update of the 1.2 B tree (benchmarks/RESULTS.md); elsewhere
-# unmeasured, so the transposes stay.
-TALL_IN_PLACE_PLATFORMS: tuple[str, ...] = ("gpu", "cuda", "rocm")
+# Where two memory passes are laid out for GPUs: tall real matrices are iterated in place
+# (XᵀX and X·p(XᵀX), the transposes folded into the matmuls) instead of being transposed to
+# wide and back, and the Frobenius norm is one variadic reduction instead of a max pass then a
+# sum pass. On one H200 the two together were 1.5 ms faster per update of the 1.2 B tree than
+# neither, and the in-place iteration alone was not (benchmarks/RESULTS.md). Elsewhere
+# unmeasured: the former passes stay (and XLA:CPU's variadic reduction sums in another order).
+GPU_PASS_PLATFORMS: tuple[str, ...] = ("gpu", "cuda", "rocm")
 
 
 def resolve_method(method: Method, platform: str | None = None) -> str:
@@ -196,12 +198,48 @@ def _gram_newton_schulz(
     return apply(q, x)
 
 
-def _precondition(x: jax.Array, preconditioning: str, eps: float) -> jax.Array:
+# The scales of `_frobenius_normalize`'s three sums: 2^80 lifts norms below ~1.5e-5 clear of
+# float32's underflow, 2^-80 brings norms up to float32's maximum below its overflow.
+_SCALES = (2.0**80, 1.0, 2.0**-80)
+
+
+def _frobenius_normalize(x: jax.Array, eps: float) -> jax.Array:
+    """x / (‖X‖_F + eps) per matrix of a real float32 x, reading x once for the norm and safe
+    at any scale.
+
+    Σx² overflows float32 for norms above ~1.8e19 and loses everything below ~1e-19, so three
+    sums are taken side by side (one fused pass over x): of (x·2^80)², x² and (x·2^-80)². Each
+    matrix uses the first that is finite (its terms neither overflow nor, for those that
+    matter, underflow) and divides in that scale: (x·k) / (√Σ(x·k)² + eps·k).
+    """
+    # One variadic reduction (one kernel, one read of x) rather than three sums XLA might not
+    # fuse.
+    squares = tuple(jnp.square(x * k) for k in _SCALES)
+    zeros = tuple(np.zeros((), x.dtype) for _ in _SCALES)
+    sums = jax.lax.reduce(
+        squares, zeros, lambda a, b: tuple(u + v for u, v in zip(a, b)), (x.ndim - 2, x.ndim - 1)
+    )
+    sums = [t[..., None, None] for t in sums]
+    scale, total = _SCALES[-1], sums[-1]
+    for k, s in zip(_SCALES[-2::-1], sums[-2::-1]):
+        finite = jnp.isfinite(s)
+        scale, total = jnp.where(finite, k, scale), jnp.where(finite, s, total)
+    # Division by two square roots: XLA turns x / v into x · (1 / v), and 1 / v is subnormal
+    # (flushed to zero) for v > 2**126.
+    root = jnp.sqrt(jnp.sqrt(total) + eps * scale)
+    return x * scale / root / root
+
+
+def _precondition(
+    x: jax.Array, preconditioning: str, eps: float, one_pass: bool = False
+) -> jax.Array:
     """Scales x (float32, or complex64 for complex x) so that its spectral norm is at most 1.
 
     For complex x every norm is real-valued: max|x|, ‖X‖_F² = Σ|x|², ‖X‖₂, and the Gram forms
     use XXᴴ (Hermitian).
     """
+    if one_pass and preconditioning == "frobenius" and not jnp.iscomplexobj(x):
+        return _frobenius_normalize(x, eps)
     # Squares overflow float32 above ~1.8e19 (a 1e30 gradient gave a zero update) and underflow
     # below ~1e-19, so norms are taken of x / max|x| per matrix, with eps rescaled to match:
     # the result is still x / (norm(x) + eps), or x·rsqrt(max(·, eps)) for the Gram forms.
@@ -249,8 +287,11 @@ class NewtonSchulz:
     product: str = "dense"  # resolved: how Hermitian products are computed (`_symmetric`)
     # Real tall matrices: iterated in place (XᵀX, X·p(XᵀX)) when True, transposed to wide when
     # False. In place saves two transposes per matrix but gives wide and tall matrices of one
-    # shape separate batched iterations. `create` sets it per backend (TALL_IN_PLACE_PLATFORMS).
+    # shape separate batched iterations. `create` sets it per backend (GPU_PASS_PLATFORMS).
     tall_in_place: bool = False
+    # The Frobenius norm in one variadic reduction (three scaled sums) instead of a max pass
+    # and a sum pass. Also set per backend by `create`.
+    one_pass_norm: bool = False
 
     @classmethod
     def create(
@@ -286,7 +327,8 @@ class NewtonSchulz:
             compute,
             method,
             resolve_product(product, platform),
-            tall_in_place=(platform or jax.default_backend()) in TALL_IN_PLACE_PLATFORMS,
+            tall_in_place=(platform or jax.default_backend()) in GPU_PASS_PLATFORMS,
+            one_pass_norm=(platform or jax.default_backend()) in GPU_PASS_PLATFORMS,
         )
 
     def uses_gram(self, m: int, n: int) -> bool:
@@ -316,7 +358,7 @@ class NewtonSchulz:
         if jnp.iscomplexobj(x):
             dtype = self.compute_dtype(*x.shape[-2:], complex_input=True)
             return _precondition(x.astype(dtype), self.preconditioning, self.eps)
-        y = _precondition(x.astype(jnp.float32), self.preconditioning, self.eps)
+        y = _precondition(x.astype(jnp.float32), self.preconditioning, self.eps, self.one_pass_norm)
         return y.astype(self.compute_dtype(*x.shape[-2:]))
 
     def prepare(self, x: jax.Array) -> jax.Array:
