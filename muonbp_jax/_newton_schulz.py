@@ -70,13 +70,6 @@ NS_METHODS: tuple[str, ...] = get_args(Method)
 # and examples run and matrices are small (the Gram form was measured up to ~30% faster on wide
 # CPU matrices and no faster on square ones, noise included).
 AUTO_METHODS: dict[str, str] = {"gpu": "gram", "cuda": "gram", "rocm": "gram"}
-# Where two memory passes are laid out for GPUs: tall real matrices are iterated in place
-# (XᵀX and X·p(XᵀX), the transposes folded into the matmuls) instead of being transposed to
-# wide and back, and the Frobenius norm is one variadic reduction instead of a max pass then a
-# sum pass. On one H200 the two together were 1.5 ms faster per update of the 1.2 B tree than
-# neither, and the in-place iteration alone was not (benchmarks/RESULTS.md). Elsewhere
-# unmeasured: the former passes stay (and XLA:CPU's variadic reduction sums in another order).
-GPU_PASS_PLATFORMS: tuple[str, ...] = ("gpu", "cuda", "rocm")
 
 
 def resolve_method(method: Method, platform: str | None = None) -> str:
@@ -123,21 +116,13 @@ def _abs_square(x: jax.Array) -> jax.Array:
     return jnp.square(x)
 
 
-def _gram_of(x: jax.Array, tall: bool, product: str) -> jax.Array:
-    """XXᴴ of a wide X, or XᵀX of a tall real X (the Gram matrix of its transpose)."""
-    return jnp.swapaxes(x, -1, -2) @ x if tall else _gram(x, product)
-
-
 def _newton_schulz_step(
-    x: jax.Array, a: float, b: float, c: float, product: str = "dense", tall: bool = False
+    x: jax.Array, a: float, b: float, c: float, product: str = "dense"
 ) -> jax.Array:
-    # Quintic step X ← aX + (bA + cA²)X with A = XXᴴ, for X of shape (..., m, n), m ≤ n; a
-    # tall real X (m > n) is iterated as its transpose without forming it: X ← aX + X(bA + cA²)
-    # with A = XᵀX. XXᴴ and A² = A·Aᴴ are Hermitian: `product` may compute them from their
-    # lower triangle.
-    gram = _gram_of(x, tall, product)
-    poly = b * gram + hermitian_product(c * gram, gram, product)  # (cA)·A, as before
-    return a * x + (x @ poly if tall else poly @ x)
+    # Quintic step X ← aX + (bA + cA²)X with A = XXᴴ, for X of shape (..., m, n), m ≤ n.
+    # XXᴴ and (cA)·A are Hermitian: `product` may compute them from their lower triangle.
+    gram = _gram(x, product)
+    return a * x + (b * gram + hermitian_product(c * gram, gram, product)) @ x
 
 
 def _gram_restarts(steps: int) -> tuple[int, ...]:
@@ -166,9 +151,7 @@ def _uses_gram(m: int, n: int, steps: int) -> bool:
     return newton_schulz_flops(m, n, steps, "gram") < newton_schulz_flops(m, n, steps)
 
 
-def _gram_newton_schulz(
-    x: jax.Array, schedule: np.ndarray, product: str = "dense", tall: bool = False
-) -> jax.Array:
+def _gram_newton_schulz(x: jax.Array, schedule: np.ndarray, product: str = "dense") -> jax.Array:
     """The quintic iteration of `_newton_schulz_step`, carried out on the m×m Gram matrix.
 
     Every iterate is X_k = Q_k·X for a polynomial Q_k of R = XXᵀ, and p(A)·X with A = X_kX_kᵀ
@@ -178,68 +161,31 @@ def _gram_newton_schulz(
     squared singular values), so X and R are rebuilt at the restarts of `_gram_restarts`.
 
     Every m×m product here is of two polynomials of R, which commute, so it is Hermitian (as is
-    XXᴴ): all of them go through `hermitian_product`, which may compute only the lower triangle.
-    A tall real X is iterated as its transpose without forming it: R = XᵀX and X_k = X·Q_k.
+    XXᴴ): they go through `hermitian_product` and `gram`, which may compute only the lower
+    triangle (`_symmetric`; the default "dense" is the plain matmul).
     """
-    eye = jnp.eye(min(x.shape[-2:]), dtype=x.dtype)
+    eye = jnp.eye(x.shape[-2], dtype=x.dtype)
     sym = functools.partial(hermitian_product, product=product)  # a·b, Hermitian
-    apply = (lambda q, x: x @ q) if tall else (lambda q, x: q @ x)
-    gram = _gram_of(x, tall, product)
+    gram = _gram(x, product)
     restarts, q = _gram_restarts(len(schedule)), None
     for i, (a, b, c) in enumerate(schedule):
         if i in restarts:
-            x = apply(q, x)
-            gram, q = _gram_of(x, tall, product), None
+            x = q @ x
+            gram, q = _gram(x, product), None
         poly = float(b) * gram + float(c) * sym(gram, gram) + float(a) * eye
         # All iterates are polynomials of R, so Q and the step polynomial commute.
         q = poly if q is None else sym(q, poly)
         if i + 1 < len(schedule) and i + 1 not in restarts:
             gram = sym(poly, sym(gram, poly))
-    return apply(q, x)
+    return q @ x
 
 
-# The scales of `_frobenius_normalize`'s three sums: 2^80 lifts norms below ~1.5e-5 clear of
-# float32's underflow, 2^-80 brings norms up to float32's maximum below its overflow.
-_SCALES = (2.0**80, 1.0, 2.0**-80)
-
-
-def _frobenius_normalize(x: jax.Array, eps: float) -> jax.Array:
-    """x / (‖X‖_F + eps) per matrix of a real float32 x, reading x once for the norm and safe
-    at any scale.
-
-    Σx² overflows float32 for norms above ~1.8e19 and loses everything below ~1e-19, so three
-    sums are taken side by side (one fused pass over x): of (x·2^80)², x² and (x·2^-80)². Each
-    matrix uses the first that is finite (its terms neither overflow nor, for those that
-    matter, underflow) and divides in that scale: (x·k) / (√Σ(x·k)² + eps·k).
-    """
-    # One variadic reduction (one kernel, one read of x) rather than three sums XLA might not
-    # fuse.
-    squares = tuple(jnp.square(x * k) for k in _SCALES)
-    zeros = tuple(np.zeros((), x.dtype) for _ in _SCALES)
-    sums = jax.lax.reduce(
-        squares, zeros, lambda a, b: tuple(u + v for u, v in zip(a, b)), (x.ndim - 2, x.ndim - 1)
-    )
-    sums = [t[..., None, None] for t in sums]
-    scale, total = _SCALES[-1], sums[-1]
-    for k, s in zip(_SCALES[-2::-1], sums[-2::-1]):
-        finite = jnp.isfinite(s)
-        scale, total = jnp.where(finite, k, scale), jnp.where(finite, s, total)
-    # Division by two square roots: XLA turns x / v into x · (1 / v), and 1 / v is subnormal
-    # (flushed to zero) for v > 2**126.
-    root = jnp.sqrt(jnp.sqrt(total) + eps * scale)
-    return x * scale / root / root
-
-
-def _precondition(
-    x: jax.Array, preconditioning: str, eps: float, one_pass: bool = False
-) -> jax.Array:
+def _precondition(x: jax.Array, preconditioning: str, eps: float) -> jax.Array:
     """Scales x (float32, or complex64 for complex x) so that its spectral norm is at most 1.
 
     For complex x every norm is real-valued: max|x|, ‖X‖_F² = Σ|x|², ‖X‖₂, and the Gram forms
     use XXᴴ (Hermitian).
     """
-    if one_pass and preconditioning == "frobenius" and not jnp.iscomplexobj(x):
-        return _frobenius_normalize(x, eps)
     # Squares overflow float32 above ~1.8e19 (a 1e30 gradient gave a zero update) and underflow
     # below ~1e-19, so norms are taken of x / max|x| per matrix, with eps rescaled to match:
     # the result is still x / (norm(x) + eps), or x·rsqrt(max(·, eps)) for the Gram forms.
@@ -284,14 +230,7 @@ class NewtonSchulz:
     preconditioning: Preconditioning
     dtype: jnp.dtype
     method: str  # resolved: "newton_schulz" or "gram" (build with `create`)
-    product: str = "dense"  # resolved: how Hermitian products are computed (`_symmetric`)
-    # Real tall matrices: iterated in place (XᵀX, X·p(XᵀX)) when True, transposed to wide when
-    # False. In place saves two transposes per matrix but gives wide and tall matrices of one
-    # shape separate batched iterations. `create` sets it per backend (GPU_PASS_PLATFORMS).
-    tall_in_place: bool = False
-    # The Frobenius norm in one variadic reduction (three scaled sums) instead of a max pass
-    # and a sum pass. Also set per backend by `create`.
-    one_pass_norm: bool = False
+    product: str = "dense"  # how Hermitian products are computed (`_symmetric`)
 
     @classmethod
     def create(
@@ -321,14 +260,7 @@ class NewtonSchulz:
             compute = jnp.finfo(compute).dtype  # a complex dtype names its precision
         # eps may be traced (optax.inject_hyperparams makes float arguments arrays).
         return cls(
-            schedule,
-            eps,
-            preconditioning,
-            compute,
-            method,
-            resolve_product(product, platform),
-            tall_in_place=(platform or jax.default_backend()) in GPU_PASS_PLATFORMS,
-            one_pass_norm=(platform or jax.default_backend()) in GPU_PASS_PLATFORMS,
+            schedule, eps, preconditioning, compute, method, resolve_product(product, platform)
         )
 
     def uses_gram(self, m: int, n: int) -> bool:
@@ -343,34 +275,22 @@ class NewtonSchulz:
             return jnp.dtype(jnp.float16)
         return self.dtype
 
-    def keeps_tall(self, x: jax.Array) -> bool:
-        """Whether `prepare` leaves x tall (a real tall matrix with `tall_in_place`)."""
-        return self.tall_in_place and x.shape[-2] > x.shape[-1] and not jnp.iscomplexobj(x)
-
-    def orient(self, x: jax.Array) -> jax.Array:
-        """(..., m, n) → wide (..., min, max); tall matrices stay tall where `keeps_tall`."""
-        if x.shape[-2] > x.shape[-1] and not self.keeps_tall(x):
-            return jnp.swapaxes(x, -1, -2)  # not Xᴴ: NS(Xᵀ) = NS(X)ᵀ for complex X too
-        return x
-
-    def normalize(self, x: jax.Array) -> jax.Array:
-        """Each matrix of x normalized (in float32, or complex64), in the iteration's dtype."""
+    def prepare(self, x: jax.Array) -> jax.Array:
+        """(..., m, n) → wide (..., min, max), normalized, in the iteration's dtype."""
+        if x.shape[-2] > x.shape[-1]:
+            x = jnp.swapaxes(x, -1, -2)  # not Xᴴ: NS(Xᵀ) = NS(X)ᵀ for complex X too
         if jnp.iscomplexobj(x):
             dtype = self.compute_dtype(*x.shape[-2:], complex_input=True)
             return _precondition(x.astype(dtype), self.preconditioning, self.eps)
-        y = _precondition(x.astype(jnp.float32), self.preconditioning, self.eps, self.one_pass_norm)
+        y = _precondition(x.astype(jnp.float32), self.preconditioning, self.eps)
         return y.astype(self.compute_dtype(*x.shape[-2:]))
 
-    def prepare(self, x: jax.Array) -> jax.Array:
-        """`orient`, then `normalize`: what `iterate` takes."""
-        return self.normalize(self.orient(x))
-
     def iterate(self, y: jax.Array) -> jax.Array:
-        """The iteration on prepared matrices; returns them in the iteration's dtype."""
-        schedule, tall = np.asarray(self.schedule), y.shape[-2] > y.shape[-1]
+        """The iteration on prepared (wide) matrices; returns them in the iteration's dtype."""
+        schedule = np.asarray(self.schedule)
         if self.uses_gram(*y.shape[-2:]):
-            return _gram_newton_schulz(y, schedule, self.product, tall)
-        step = functools.partial(_newton_schulz_step, product=self.product, tall=tall)
+            return _gram_newton_schulz(y, schedule, self.product)
+        step = functools.partial(_newton_schulz_step, product=self.product)
         if len(set(self.schedule)) == 1:
             a, b, c = self.schedule[0]
             return jax.lax.fori_loop(
@@ -383,7 +303,7 @@ class NewtonSchulz:
     def __call__(self, x: jax.Array) -> jax.Array:
         """Orthogonalizes the last two axes of x; the result is in the iteration's dtype."""
         y = self.iterate(self.prepare(x))
-        return jnp.swapaxes(y, -1, -2) if y.shape != x.shape else y
+        return jnp.swapaxes(y, -1, -2) if x.shape[-2] > x.shape[-1] else y
 
 
 def orthogonalize(
@@ -444,7 +364,7 @@ def orthogonalize_many(matrices: Sequence[jax.Array], ns: NewtonSchulz) -> list[
     """Orthogonalizes a list of (batch, m, n) arrays, one batched iteration per matrix shape.
 
     Each array is prepared on its own (wide form, normalized, cast), so an m×n and an n×m share
-    an iteration (unless `ns.tall_in_place`) and what is concatenated is already in the iteration's dtype. The results come
+    an iteration and what is concatenated is already in the iteration's dtype. The results come
     back in `ns.dtype` (bfloat16 by default; Gram results computed in float16 are rounded to
     it, so that every shape, and both kinds of MuonBP step, return one dtype; complex results
     stay in their complex iteration dtype): the caller casts
@@ -463,4 +383,6 @@ def orthogonalize_many(matrices: Sequence[jax.Array], ns: NewtonSchulz) -> list[
         offsets = np.cumsum([0] + [p.shape[0] for p in parts])
         for i, lo, hi in zip(members, offsets[:-1], offsets[1:]):
             out[i] = result if len(parts) == 1 else result[lo:hi]
-    return [jnp.swapaxes(o, -1, -2) if o.shape != m.shape else o for o, m in zip(out, matrices)]
+    return [
+        jnp.swapaxes(o, -1, -2) if m.shape[-2] > m.shape[-1] else o for o, m in zip(out, matrices)
+    ]
