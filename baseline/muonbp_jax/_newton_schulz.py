@@ -1,0 +1,371 @@
+"""Newton–Schulz orthogonalization: the math, with no knowledge of meshes.
+
+`orthogonalize` maps a batch of matrices X (last two axes) to an approximation of U·Vᴴ, where
+X = U·S·Vᴴ is the reduced SVD (Vᴴ = Vᵀ for real X; complex X is iterated with conjugate
+transposes, as in optax). The block step, the full step and single-device use all call it
+unchanged; only what they feed it differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Literal, get_args
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Coeffs = str | Sequence[float] | Sequence[Sequence[float]] | np.ndarray | jax.Array
+Preconditioning = Literal["frobenius", "spectral", "aol", "schatten"]
+Method = Literal["auto", "newton_schulz", "gram"]
+
+# Keller Jordan's quintic coefficients (modded-nanogpt, 2024), repeated every step.
+_JORDAN = (3.4445, -4.7750, 2.0315)
+
+# Per-step coefficients of the degree-5 Polar Express (Amsel et al. 2025, arXiv 2505.16932,
+# Algorithm 1). The paper divides (a, b, c) by (s, s³, s⁵) with safety factor s = 1.01 on every
+# step but the last (fixed-point) one, so that bf16 rounding cannot push a singular value past the
+# polynomial's stable range; we do the same.
+_POLAR_EXPRESS_RAW = (
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+)
+POLAR_EXPRESS_SAFETY = 1.01
+_POLAR_EXPRESS = tuple(
+    (a / POLAR_EXPRESS_SAFETY, b / POLAR_EXPRESS_SAFETY**3, c / POLAR_EXPRESS_SAFETY**5)
+    for a, b, c in _POLAR_EXPRESS_RAW
+) + ((1.875, -1.25, 0.375),)
+
+# Per-step coefficients used by Dion (Ahn et al. 2025), as shipped by optax under "dion".
+_DION = (
+    (4.0848, -6.8946, 2.9270),
+    (3.9505, -6.3029, 2.6377),
+    (3.7418, -5.5913, 2.3037),
+    (2.8769, -3.1427, 1.2046),
+    (2.8366, -3.0525, 1.2012),
+)
+
+NS_COEFFS_PRESETS: dict[str, tuple] = {
+    "jordan": _JORDAN,
+    "standard": _JORDAN,  # optax's name for the same preset
+    "polar_express": _POLAR_EXPRESS,
+    "dion": _DION,
+}
+PRECONDITIONINGS: tuple[str, ...] = get_args(Preconditioning)
+NS_METHODS: tuple[str, ...] = get_args(Method)
+# What `method="auto"` runs on each backend. On GPUs the Gram form: it iterates in float16,
+# which GPUs multiply as fast as bfloat16, and saves FLOPs on wide matrices (benchmarks/
+# RESULTS.md). TPUs have no fast float16 matmul and bfloat16 is too coarse for the Gram
+# recursion, so they keep the plain iteration; so do CPUs, where the fake-device meshes of tests
+# and examples run and matrices are small (the Gram form was measured up to ~30% faster on wide
+# CPU matrices and no faster on square ones, noise included).
+AUTO_METHODS: dict[str, str] = {"gpu": "gram", "cuda": "gram", "rocm": "gram"}
+
+
+def resolve_method(method: Method, platform: str | None = None) -> str:
+    """The method `"auto"` stands for on `platform` (default: jax's default backend)."""
+    if method != "auto":
+        return method
+    return AUTO_METHODS.get(platform or jax.default_backend(), "newton_schulz")
+
+
+def coefficient_schedule(ns_coeffs: Coeffs, ns_steps: int) -> np.ndarray:
+    """Returns the (steps, 3) float64 table of (a, b, c) used at each iteration.
+
+    A single (a, b, c) triple is repeated `ns_steps` times. A per-step table is used as given
+    when it has at most `ns_steps` rows (optax's rule), and truncated to its first `ns_steps`
+    rows when it has more (so `"polar_express"` with `ns_steps=5` runs its first five steps).
+    """
+    if isinstance(ns_coeffs, str):
+        if ns_coeffs not in NS_COEFFS_PRESETS:
+            raise ValueError(
+                f"Unknown ns_coeffs preset {ns_coeffs!r}; choose one of "
+                f"{sorted(NS_COEFFS_PRESETS)} or pass (a, b, c) or a per-step table."
+            )
+        ns_coeffs = NS_COEFFS_PRESETS[ns_coeffs]
+    table = np.asarray(ns_coeffs, dtype=np.float64)
+    if table.ndim not in (1, 2) or table.shape[-1] != 3:
+        raise ValueError(f"ns_coeffs must have shape (3,) or (steps, 3), got {table.shape}.")
+    if int(ns_steps) < 1:
+        raise ValueError(f"ns_steps must be >= 1, got {ns_steps}.")
+    if table.ndim == 1:
+        return np.tile(table, (int(ns_steps), 1))
+    return table[: int(ns_steps)]
+
+
+def _adjoint(x: jax.Array) -> jax.Array:
+    """Xᴴ of the last two axes: the transpose, conjugated for complex X (a no-op for real X,
+    which leaves the real computation unchanged)."""
+    return jnp.conj(jnp.swapaxes(x, -1, -2))
+
+
+def _abs_square(x: jax.Array) -> jax.Array:
+    """|x|² elementwise, real-valued also for complex x."""
+    if jnp.iscomplexobj(x):
+        return jnp.square(jnp.real(x)) + jnp.square(jnp.imag(x))
+    return jnp.square(x)
+
+
+def _newton_schulz_step(x: jax.Array, a: float, b: float, c: float) -> jax.Array:
+    # Quintic step X ← aX + (bA + cA²)X with A = XXᴴ, for X of shape (..., m, n), m ≤ n.
+    gram = x @ _adjoint(x)
+    return a * x + (b * gram + c * gram @ gram) @ x
+
+
+def _gram_restarts(steps: int) -> tuple[int, ...]:
+    # Iterations before which the Gram form rebuilds X and XXᵀ from scratch: after 2 (the
+    # schedule Zhang, Amsel, Chen and Dao 2026 use for five steps), then every 3.
+    return tuple(range(2, steps, 3))
+
+
+def newton_schulz_flops(m: int, n: int, steps: int, method: Method = "newton_schulz") -> int:
+    """Matmul FLOPs of orthogonalizing one m×n matrix (m ≤ n) with `steps` iterations."""
+    m, n = min(m, n), max(m, n)
+    if method == "newton_schulz":
+        return steps * (4 * m * m * n + 2 * m**3)
+    restarts = _gram_restarts(steps)
+    # XXᵀ at the start and Q·X at the end, plus Q·X and XXᵀ at every restart.
+    rectangular = (2 + 2 * len(restarts)) * 2 * m * m * n
+    square = 0
+    for i in range(steps):
+        opens_window = i == 0 or i in restarts
+        closes_window = i == steps - 1 or i + 1 in restarts
+        square += 1 + (not opens_window) + 2 * (not closes_window)
+    return rectangular + square * 2 * m**3
+
+
+def _uses_gram(m: int, n: int, steps: int) -> bool:
+    return newton_schulz_flops(m, n, steps, "gram") < newton_schulz_flops(m, n, steps)
+
+
+def _gram_newton_schulz(x: jax.Array, schedule: np.ndarray) -> jax.Array:
+    """The quintic iteration of `_newton_schulz_step`, carried out on the m×m Gram matrix.
+
+    Every iterate is X_k = Q_k·X for a polynomial Q_k of R = XXᵀ, and p(A)·X with A = X_kX_kᵀ
+    only needs A. So the m×n matrix is touched only to form R and to apply Q at the end:
+    O(m³) per iteration instead of O(m²n) (Zhang, Amsel, Chen and Dao 2026, "Gram
+    Newton–Schulz"). R's recursion loses accuracy in half precision (its eigenvalues are the
+    squared singular values), so X and R are rebuilt at the restarts of `_gram_restarts`.
+    """
+    eye = jnp.eye(x.shape[-2], dtype=x.dtype)
+    gram = x @ _adjoint(x)
+    restarts, q = _gram_restarts(len(schedule)), None
+    for i, (a, b, c) in enumerate(schedule):
+        if i in restarts:
+            x = q @ x
+            gram, q = x @ _adjoint(x), None
+        poly = float(b) * gram + float(c) * (gram @ gram) + float(a) * eye
+        # All iterates are polynomials of R, so Q and the step polynomial commute.
+        q = poly if q is None else q @ poly
+        if i + 1 < len(schedule) and i + 1 not in restarts:
+            gram = poly @ (gram @ poly)
+    return q @ x
+
+
+def _precondition(x: jax.Array, preconditioning: str, eps: float) -> jax.Array:
+    """Scales x (float32, or complex64 for complex x) so that its spectral norm is at most 1.
+
+    For complex x every norm is real-valued: max|x|, ‖X‖_F² = Σ|x|², ‖X‖₂, and the Gram forms
+    use XXᴴ (Hermitian).
+    """
+    # Squares overflow float32 above ~1.8e19 (a 1e30 gradient gave a zero update) and underflow
+    # below ~1e-19, so norms are taken of x / max|x| per matrix, with eps rescaled to match:
+    # the result is still x / (norm(x) + eps), or x·rsqrt(max(·, eps)) for the Gram forms.
+    peak = jnp.max(jnp.abs(x), axis=(-2, -1), keepdims=True)
+    peak = jnp.where(peak > 0, peak, 1.0)  # zero and NaN matrices pass through as they are
+    # Two divisions by sqrt(peak): XLA turns x / peak into x · (1 / peak), and 1 / peak is
+    # subnormal (flushed to zero on CPU) for peak > 2**126.
+    root = jnp.sqrt(peak)
+    x, eps_gram, eps = x / root / root, eps / jnp.square(peak), eps / peak
+    if preconditioning == "frobenius":
+        norm = jnp.sqrt(jnp.sum(_abs_square(x), axis=(-2, -1), keepdims=True))
+        return x / (norm + eps)
+    if preconditioning == "spectral":
+        norm = jnp.linalg.norm(x, ord=2, axis=(-2, -1), keepdims=True)
+        return x / (norm + eps)
+    if preconditioning == "aol":
+        # Almost-orthogonal-layer rescaling (Boissin et al. 2025, arXiv 2512.04632): scale row i
+        # by 1/sqrt(Σ_j |XXᴴ|_ij), which bounds the spectral norm by 1.
+        gram = x @ _adjoint(x)
+        rows = jnp.maximum(jnp.sum(jnp.abs(gram), axis=-1, keepdims=True), eps_gram)
+        return x * jax.lax.rsqrt(rows)
+    if preconditioning == "schatten":
+        # Schatten-4 norm ‖XXᴴ‖_F^(1/2) ≥ ‖X‖₂ (Grishina et al. 2025, arXiv 2506.10935).
+        gram = x @ _adjoint(x)
+        norm = jnp.sqrt(jnp.sum(_abs_square(gram), axis=(-2, -1), keepdims=True))
+        return x * jax.lax.rsqrt(jnp.maximum(norm, eps_gram))
+    raise ValueError(f"Unknown preconditioning {preconditioning!r}; use one of {PRECONDITIONINGS}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class NewtonSchulz:
+    """Newton–Schulz settings, split into the two phases that `orthogonalize_many` batches.
+
+    `prepare` puts one matrix in wide form (m ≤ n), normalizes it in float32 and casts it to
+    the dtype its iteration runs in; `iterate` runs the iteration on a batch of prepared
+    matrices of one shape. Preparing each matrix before same-shape matrices are concatenated
+    means the concatenation copies half-precision data, not the float32 input.
+    """
+
+    schedule: tuple[tuple[float, float, float], ...]
+    eps: float
+    preconditioning: Preconditioning
+    dtype: jnp.dtype
+    method: str  # resolved: "newton_schulz" or "gram" (build with `create`)
+
+    @classmethod
+    def create(
+        cls,
+        ns_coeffs: Coeffs = "polar_express",
+        ns_steps: int = 5,
+        *,
+        eps: float = 1e-8,
+        preconditioning: Preconditioning = "frobenius",
+        dtype: jnp.dtype | None = jnp.bfloat16,
+        method: Method = "auto",
+        platform: str | None = None,
+    ) -> NewtonSchulz:
+        if method not in NS_METHODS:
+            raise ValueError(f"Unknown Newton–Schulz method {method!r}; use one of {NS_METHODS}.")
+        method = resolve_method(method, platform)
+        if preconditioning not in PRECONDITIONINGS:
+            raise ValueError(
+                f"Unknown preconditioning {preconditioning!r}; use one of {PRECONDITIONINGS}."
+            )
+        schedule = tuple(
+            tuple(float(v) for v in row) for row in coefficient_schedule(ns_coeffs, ns_steps)
+        )
+        compute = jnp.dtype(jnp.float32 if dtype is None else dtype)
+        if jnp.issubdtype(compute, jnp.complexfloating):
+            compute = jnp.finfo(compute).dtype  # a complex dtype names its precision
+        # eps may be traced (optax.inject_hyperparams makes float arguments arrays).
+        return cls(schedule, eps, preconditioning, compute, method)
+
+    def uses_gram(self, m: int, n: int) -> bool:
+        """Whether a matrix of this (wide or tall) shape is iterated in the Gram form."""
+        return self.method == "gram" and _uses_gram(min(m, n), max(m, n), len(self.schedule))
+
+    def compute_dtype(self, m: int, n: int, complex_input: bool = False) -> jnp.dtype:
+        if complex_input:
+            # Complex has no half-precision type: every dtype below float64 means complex64.
+            return jnp.dtype(jnp.complex128 if self.dtype == jnp.float64 else jnp.complex64)
+        if self.uses_gram(m, n) and self.dtype == jnp.bfloat16:
+            return jnp.dtype(jnp.float16)
+        return self.dtype
+
+    def prepare(self, x: jax.Array) -> jax.Array:
+        """(..., m, n) → wide (..., min, max), normalized, in the iteration's dtype."""
+        if x.shape[-2] > x.shape[-1]:
+            x = jnp.swapaxes(x, -1, -2)  # not Xᴴ: NS(Xᵀ) = NS(X)ᵀ for complex X too
+        if jnp.iscomplexobj(x):
+            dtype = self.compute_dtype(*x.shape[-2:], complex_input=True)
+            return _precondition(x.astype(dtype), self.preconditioning, self.eps)
+        y = _precondition(x.astype(jnp.float32), self.preconditioning, self.eps)
+        return y.astype(self.compute_dtype(*x.shape[-2:]))
+
+    def iterate(self, y: jax.Array) -> jax.Array:
+        """The iteration on prepared (wide) matrices; returns them in the iteration's dtype."""
+        schedule = np.asarray(self.schedule)
+        if self.uses_gram(*y.shape[-2:]):
+            return _gram_newton_schulz(y, schedule)
+        if len(set(self.schedule)) == 1:
+            a, b, c = self.schedule[0]
+            return jax.lax.fori_loop(
+                0, len(schedule), lambda _, z: _newton_schulz_step(z, a, b, c), y, unroll=True
+            )
+        for a, b, c in self.schedule:
+            y = _newton_schulz_step(y, a, b, c)
+        return y
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Orthogonalizes the last two axes of x; the result is in the iteration's dtype."""
+        y = self.iterate(self.prepare(x))
+        return jnp.swapaxes(y, -1, -2) if x.shape[-2] > x.shape[-1] else y
+
+
+def orthogonalize(
+    x: jax.Array,
+    ns_coeffs: Coeffs = "polar_express",
+    ns_steps: int = 5,
+    *,
+    eps: float = 1e-8,
+    preconditioning: Preconditioning = "frobenius",
+    dtype: jnp.dtype | None = jnp.bfloat16,
+    method: Method = "auto",
+) -> jax.Array:
+    """Approximately orthogonalizes the last two axes of `x` by Newton–Schulz iterations.
+
+    Leading axes are batch axes: each matrix is treated independently, in one batched call.
+    The input is normalized in float32, iterated in `dtype`, and returned in `x.dtype`.
+
+    Complex input is orthogonalized with conjugate transposes (the Gram matrix is XXᴴ, norms
+    are real: max|x|, Σ|x|²), so the result approximates U·Vᴴ. Complex has no half-precision
+    type, so for complex `x` the iteration runs in complex64 whenever `dtype` is bfloat16,
+    float16 or float32 (and in complex128 for float64); normalization is in complex64. A
+    complex `dtype` names its precision: complex64 means float32 for real input.
+
+    `method="gram"` computes the same polynomial of X (equal in exact arithmetic) by iterating
+    on the m×m Gram matrix XXᴴ (m ≤ n), with restarts: fewer FLOPs when n ≥ 2m (e.g. 60 vs 90
+    m³ for n = 4m, five steps); matrices where it would not save FLOPs use the plain
+    iteration. In half precision its iterations run in float16 even when `dtype` is bfloat16:
+    the Gram matrix squares the condition number, and bfloat16's 7-bit mantissa was measured to
+    push singular values of heavy-tailed matrices up to ~2 (float16: within the plain
+    iteration's band, at the same matmul speed on GPUs; on TPUs prefer the plain iteration).
+
+    Args:
+      x: array of shape (..., m, n).
+      ns_coeffs: a preset name (`"polar_express"`, the default; `"jordan"`/`"standard"`,
+        optax's default; `"dion"`), one (a, b, c) triple used at every step, or a (steps, 3) table of per-step triples.
+      ns_steps: number of iterations (see `coefficient_schedule` for per-step tables).
+      eps: added to the normalizer so that a zero matrix maps to zero.
+      preconditioning: how X is scaled below spectral norm 1 before iterating, as in optax.
+      dtype: dtype of the matmuls (None: float32); complex input: complex64, see above.
+      method: `"newton_schulz"` (iterate on X), `"gram"` (iterate on XXᴴ, see above) or
+        `"auto"` (the default): `"gram"` on GPUs, `"newton_schulz"` elsewhere (TPUs, CPUs),
+        for jax's default backend (`AUTO_METHODS`), decided when the function is traced.
+
+    Returns:
+      An array like `x` whose matrices have singular values near 1 (about [0.87, 1.12] on
+      Gaussian matrices for the default Polar Express, [0.7, 1.2] for Jordan's coefficients by
+      design) and the singular vectors of `x`.
+    """
+    if x.ndim < 2:
+        raise ValueError(f"orthogonalize needs an array of rank >= 2, got shape {x.shape}.")
+    ns = NewtonSchulz.create(
+        ns_coeffs, ns_steps, eps=eps, preconditioning=preconditioning, dtype=dtype, method=method
+    )
+    return ns(x).astype(x.dtype)
+
+
+def orthogonalize_many(matrices: Sequence[jax.Array], ns: NewtonSchulz) -> list[jax.Array]:
+    """Orthogonalizes a list of (batch, m, n) arrays, one batched iteration per matrix shape.
+
+    Each array is prepared on its own (wide form, normalized, cast), so an m×n and an n×m share
+    an iteration and what is concatenated is already in the iteration's dtype. The results come
+    back in `ns.dtype` (bfloat16 by default; Gram results computed in float16 are rounded to
+    it, so that every shape, and both kinds of MuonBP step, return one dtype; complex results
+    stay in their complex iteration dtype): the caller casts
+    further where the cast can fuse with what follows.
+    """
+    prepared = [ns.prepare(m) for m in matrices]
+    groups: dict[tuple[int, int, jnp.dtype], list[int]] = {}
+    for i, y in enumerate(prepared):
+        groups.setdefault((*y.shape[-2:], y.dtype), []).append(i)
+    out: list[jax.Array | None] = [None] * len(prepared)
+    for members in groups.values():
+        parts = [prepared[i] for i in members]
+        result = ns.iterate(jnp.concatenate(parts) if len(parts) > 1 else parts[0])
+        if not jnp.iscomplexobj(result):  # complex has no half precision: stays complex64
+            result = result.astype(ns.dtype)
+        offsets = np.cumsum([0] + [p.shape[0] for p in parts])
+        for i, lo, hi in zip(members, offsets[:-1], offsets[1:]):
+            out[i] = result if len(parts) == 1 else result[lo:hi]
+    return [
+        jnp.swapaxes(o, -1, -2) if m.shape[-2] > m.shape[-1] else o for o, m in zip(out, matrices)
+    ]
