@@ -14,8 +14,9 @@ three implementations:
 * `"dense"`: the plain product (the default: on one H200 neither of the others was faster,
   benchmarks/RESULTS.md).
 
-The result's upper triangle is the exact mirror of the lower one, so results are exactly
-Hermitian; the dense product's are only up to rounding.
+The blocks above the diagonal are the exact mirror of those below it; diagonal blocks are
+computed in full (exactly symmetric only for XXᴴ). The dense product's result is Hermitian
+only up to rounding.
 """
 
 from __future__ import annotations
@@ -137,8 +138,9 @@ def resolve_product(product: str, platform: str | None = None) -> str:
     """Checks `product` (the dense one is the default on every backend: see the module
     docstring); `platform` is accepted for symmetry with the other per-backend choices."""
     del platform
-    if product in ("dense", "triangular") or (
-        product.startswith("panels:") and product[7:].isdigit() and int(product[7:]) >= 1
+    if isinstance(product, str) and (
+        product in ("dense", "triangular")
+        or (product.startswith("panels:") and product[7:].isdecimal() and int(product[7:]) >= 1)
     ):
         return product
     raise ValueError(f"Unknown Hermitian product {product!r}; use one of {PRODUCTS}.")
@@ -149,11 +151,16 @@ def hermitian_product(a: jax.Array, b: jax.Array, product: str = "dense") -> jax
     polynomials of one Hermitian matrix, say): a·b = a·bᴴ, so only its lower triangle needs
     computing.
 
-    `product` is resolved ("dense", "triangular" or "panels:K"); shapes or dtypes the kernel
-    does not take (complex, sizes not a multiple of its tile) use the dense product, which is
-    plain `a @ b`.
+    `product` is resolved ("dense", "triangular" or "panels:K"). "dense" is plain `a @ b`;
+    shapes or dtypes the kernel does not take (complex, sizes not a multiple of its tile, a
+    and b of different shapes) fall back to it.
     """
-    if product == "triangular" and not jnp.iscomplexobj(a) and triangular_supported(a):
+    if (
+        product == "triangular"
+        and a.shape == b.shape
+        and not jnp.iscomplexobj(a)
+        and triangular_supported(a)
+    ):
         return triangular_product(a, b)
     if product.startswith("panels:"):
         return panel_product(a, b, int(product.split(":")[1]))
