@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from muonbp_jax._symmetric import Product, hermitian_product, resolve_product
+from muonbp_jax._symmetric import Product, check_product, hermitian_product
 from muonbp_jax._symmetric import gram as _gram
 
 Coeffs = str | Sequence[float] | Sequence[Sequence[float]] | np.ndarray | jax.Array
@@ -259,9 +259,7 @@ class NewtonSchulz:
         if jnp.issubdtype(compute, jnp.complexfloating):
             compute = jnp.finfo(compute).dtype  # a complex dtype names its precision
         # eps may be traced (optax.inject_hyperparams makes float arguments arrays).
-        return cls(
-            schedule, eps, preconditioning, compute, method, resolve_product(product, platform)
-        )
+        return cls(schedule, eps, preconditioning, compute, method, check_product(product))
 
     def uses_gram(self, m: int, n: int) -> bool:
         """Whether a matrix of this (wide or tall) shape is iterated in the Gram form."""

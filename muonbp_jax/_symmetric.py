@@ -134,10 +134,8 @@ def panel_product(a: jax.Array, b: jax.Array, splits: int) -> jax.Array:
     return jnp.concatenate(columns, axis=-1)
 
 
-def resolve_product(product: str, platform: str | None = None) -> str:
-    """Checks `product` (the dense one is the default on every backend: see the module
-    docstring); `platform` is accepted for symmetry with the other per-backend choices."""
-    del platform
+def check_product(product: str) -> str:
+    """`product` if it names one of `PRODUCTS`, else a ValueError."""
     if isinstance(product, str) and (
         product in ("dense", "triangular")
         or (product.startswith("panels:") and product[7:].isdecimal() and int(product[7:]) >= 1)
@@ -146,31 +144,27 @@ def resolve_product(product: str, platform: str | None = None) -> str:
     raise ValueError(f"Unknown Hermitian product {product!r}; use one of {PRODUCTS}.")
 
 
+def _from_lower(a: jax.Array, rows: jax.Array, product: str) -> jax.Array | None:
+    """a·rowsᴴ, known Hermitian, from its lower triangle; None where `product` is "dense" or
+    the kernel does not take these arrays (the caller then multiplies densely)."""
+    if product == "triangular":
+        supported = a.shape == rows.shape and not jnp.iscomplexobj(a) and triangular_supported(a)
+        return triangular_product(a, rows) if supported else None
+    if product.startswith("panels:"):
+        return panel_product(a, rows, int(product.split(":")[1]))
+    return None
+
+
 def hermitian_product(a: jax.Array, b: jax.Array, product: str = "dense") -> jax.Array:
     """a·b for a Hermitian b whose product with a is known to be Hermitian (two commuting
     polynomials of one Hermitian matrix, say): a·b = a·bᴴ, so only its lower triangle needs
-    computing.
-
-    `product` is resolved ("dense", "triangular" or "panels:K"). "dense" is plain `a @ b`;
-    shapes or dtypes the kernel does not take (complex, sizes not a multiple of its tile, a
-    and b of different shapes) fall back to it.
+    computing. "dense" (and any shape or dtype the kernel does not take) is plain `a @ b`.
     """
-    if (
-        product == "triangular"
-        and a.shape == b.shape
-        and not jnp.iscomplexobj(a)
-        and triangular_supported(a)
-    ):
-        return triangular_product(a, b)
-    if product.startswith("panels:"):
-        return panel_product(a, b, int(product.split(":")[1]))
-    return a @ b
+    out = _from_lower(a, b, product)
+    return a @ b if out is None else out
 
 
 def gram(x: jax.Array, product: str = "dense") -> jax.Array:
     """X·Xᴴ, from its lower triangle unless `product` is "dense"."""
-    if product == "triangular" and not jnp.iscomplexobj(x) and triangular_supported(x):
-        return triangular_product(x, x)
-    if product.startswith("panels:"):
-        return panel_product(x, x, int(product.split(":")[1]))
-    return dense_product(x, x)
+    out = _from_lower(x, x, product)
+    return dense_product(x, x) if out is None else out

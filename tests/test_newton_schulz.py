@@ -80,7 +80,7 @@ def test_unknown_method_is_rejected():
 @pytest.mark.parametrize("product", ["triangular", "panels:2", "panels:3"])
 def test_hermitian_products_from_the_lower_triangle_against_float64(product):
     """The Pallas lower-tile kernel (interpreted on CPU) and the XLA block panels give X·Xᵀ and
-    the product of two commuting symmetric matrices, exactly symmetric."""
+    the product of two commuting symmetric matrices, their mirrored blocks exactly symmetric."""
     from muonbp_jax import _symmetric
 
     x = RNG.standard_normal((2, 384, 192)).astype(np.float32)
