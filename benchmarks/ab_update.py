@@ -2,7 +2,12 @@
 bench_step) and pipelined (10 updates threading the state, dispatched without waiting, then
 one wait: what a training loop sees, with the host's dispatch overlapped).
 
-    python benchmarks/ab_update.py --label NAME [--runs "muonbp P=1 defaults;..."]
+    python benchmarks/ab_update.py --label NAME [--runs "muonbp P=1 defaults;..."] [--donate]
+
+`--donate` also times the update as a training loop runs it: jitted with the optimizer state
+donated and threaded from call to call, each call waited for. Its buffers then keep their
+addresses from call to call, so XLA:GPU can launch the program's CUDA graph without first
+updating it (an update costs host time in proportion to the number of kernels).
 """
 
 from __future__ import annotations
@@ -34,12 +39,31 @@ def pipelined_ms(step, grads, state, params, n: int = 10, repeats: int = 3) -> f
     return best
 
 
+def donated_ms(update, grads, state, params, iters: int = 10) -> float:
+    """Median wall time of waited calls of `update` jitted with its state donated and
+    threaded (a fresh copy of `state` is consumed)."""
+    step = jax.jit(update, donate_argnums=(1,))
+    s = jax.tree.map(lambda x: x.copy(), state)
+    for _ in range(3):
+        _, s = step(grads, s, params)
+    jax.block_until_ready(s)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        out, s = step(grads, s, params)
+        jax.block_until_ready((out, s))
+        times.append(time.perf_counter() - start)
+        del out
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--label", default="")
     parser.add_argument("--runs", default=DEFAULT_RUNS)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--small", action="store_true", help="tiny tree (a CPU try-out)")
+    parser.add_argument("--donate", action="store_true", help="also time donated calls")
     args = parser.parse_args(argv)
     model = bench_step.SMALL if args.small else bench_step.FULL
     params = bench_step.random_tree(model, seed=0, scale=0.02)
@@ -59,6 +83,8 @@ def main(argv=None):
                 "pipelined ms": pipelined_ms(step, grads, state, params),
             }
         )
+        if args.donate:
+            rows[-1]["donated ms"] = donated_ms(tx.update, grads, state, params, args.iters)
         print(_timing.table(rows[-1:], list(rows[-1])), flush=True)
         del state, step
     print(_timing.table(rows, list(rows[0]), f"{_timing.environment()} {args.label}"))

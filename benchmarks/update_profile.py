@@ -7,7 +7,9 @@ by name.
 
 Updates: `muonbp(period=1)` and `muonbp(period=None, block_grid=(1, 8))` at the defaults, and
 the elementwise yardstick of bench_step (momentum SGD + AdamW from optax), 3 traced updates
-each after warm-up; the figures are of the median one.
+each after warm-up (`--runs` picks others of bench_step's updates); the figures are of the
+median one. Idle device time is split into the gaps between kernels and the time before the
+first kernel and after the last; `--top N` also lists the N longest kernels and gaps.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
+import itertools
 import re
 import sys
 import tempfile
@@ -38,9 +41,17 @@ def family(name: str) -> str:
     return re.sub(r"(_\d+)+$", "", re.sub(r"\.\d+", "", name))[:70]
 
 
-def breakdown(window, events) -> dict[str, Any]:
+def breakdown(window, events, top: int = 0) -> dict[str, Any]:
     start, end, _ = window
     inside = [e for e in events if e[0] >= start and e[1] <= end]
+    # The longest single kernels and the longest idle stretches (with the kernels around them).
+    kernels = sorted(((round((t - s) / 1e3, 1), name) for s, t, name in inside), reverse=True)
+    gaps = []
+    for (_, t0, before), (s1, _, after) in itertools.pairwise(inside):
+        if s1 > t0:
+            gaps.append((round((s1 - t0) / 1e3, 1), before, after))
+    head = (inside[0][0] - start) / 1e3 if inside else 0.0
+    tail = (end - inside[-1][1]) / 1e3 if inside else 0.0
     by_name: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
     matmul = other = 0.0
     for s, t, name in inside:
@@ -58,6 +69,11 @@ def breakdown(window, events) -> dict[str, Any]:
         "matmul_us": matmul,
         "other_us": other,
         "by_name": sorted(((round(v[0], 1), v[1], k) for k, v in by_name.items()), reverse=True),
+        "kernels_top": kernels[:top],
+        "gaps_top": sorted(gaps, reverse=True)[:top],
+        "gaps_us": sum(g[0] for g in gaps),
+        "before_first_us": head,
+        "after_last_us": tail,
     }
 
 
@@ -66,13 +82,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--out", default=None)
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--runs", default=";".join((*RUNS, FLOOR)), help="';'-separated")
     args = parser.parse_args(argv)
     model = bench_step.SMALL if args.small else bench_step.FULL
     params = bench_step.random_tree(model, seed=0, scale=0.02)
     grads = bench_step.random_tree(model, seed=1, scale=1e-3)
     runs = bench_step.optimizers(model)
     steps = {}
-    for name in (*RUNS, FLOOR):
+    for name in args.runs.split(";"):
         tx = runs[name].make()
         state, step = jax.jit(tx.init)(params), jax.jit(tx.update)
         for _ in range(3):
@@ -93,12 +110,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for window in _host_windows(profile, "update:"):
         name, i = window[2].rsplit(":", 1)
         if int(i) > 0:  # the first traced update carries the profiler's start-up
-            per_run[name].append(breakdown(window, events))
+            per_run[name].append(breakdown(window, events, args.top))
     rows, detail = [], {}
     for name, items in per_run.items():
         items.sort(key=lambda x: x["wall_us"])
         mid = items[len(items) // 2]
-        detail[name] = mid["by_name"]
+        detail[name] = {k: mid[k] for k in ("by_name", "kernels_top", "gaps_top")}
         rows.append(
             {
                 "update": name[:40],
@@ -107,12 +124,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "other kernels ms": mid["other_us"] / 1e3,
                 "idle ms": (mid["wall_us"] - mid["matmul_us"] - mid["other_us"]) / 1e3,
                 "kernels": mid["kernels"],
+                "gaps ms": mid["gaps_us"] / 1e3,
+                "before first ms": mid["before_first_us"] / 1e3,
+                "after last ms": mid["after_last_us"] / 1e3,
             }
         )
     print(_timing.table(rows, list(rows[0]), f"{_timing.environment()}  {model}"))
-    for name, by_name in detail.items():
+    for name, d in detail.items():
         print(f"\n{name}: kernels by total time (us, count, name)")
-        for row in by_name[: args.top]:
+        for row in d["by_name"][: args.top]:
+            print("  ", row)
+        print(f"{name}: longest kernels (us, name)")
+        for row in d["kernels_top"]:
+            print("  ", row)
+        print(f"{name}: longest idle gaps between kernels (us, before, after)")
+        for row in d["gaps_top"]:
             print("  ", row)
     payload = {"environment": _timing.environment(), "rows": rows, "by_name": detail}
     _timing.write_json(args.out, payload)
