@@ -4,15 +4,17 @@ one wait: what a training loop sees, with the host's dispatch overlapped).
 
     python benchmarks/ab_update.py --label NAME [--runs "muonbp P=1 defaults;..."] [--donate]
 
-`--donate` also times the update as a training loop runs it: jitted with the optimizer state
-donated and threaded from call to call, each call waited for. Its buffers then keep their
-addresses from call to call, so XLA:GPU can launch the program's CUDA graph without first
-updating it (an update costs host time in proportion to the number of kernels).
+`--donate` also times the update as a training loop runs it: compiled with the optimizer state
+donated and threaded from call to call, each call waited for. This is meant to let the state's
+buffers keep their addresses from call to call, so that XLA:GPU need not update the program's
+CUDA graph before launching it; whether it does was not checked (it measured no faster on one
+H200: benchmarks/RESULTS.md, "Speed, fourth pass").
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -42,11 +44,12 @@ def pipelined_ms(step, grads, state, params, n: int = 10, repeats: int = 3) -> f
 def donated_ms(update, grads, state, params, iters: int = 10) -> float:
     """Median wall time of waited calls of `update` jitted with its state donated and
     threaded (a fresh copy of `state` is consumed)."""
-    step = jax.jit(update, donate_argnums=(1,))
     s = jax.tree.map(lambda x: x.copy(), state)
+    step = jax.jit(update, donate_argnums=(1,)).lower(grads, s, params).compile()
     for _ in range(3):
-        _, s = step(grads, s, params)
+        out, s = step(grads, s, params)
     jax.block_until_ready(s)
+    del out
     times = []
     for _ in range(iters):
         start = time.perf_counter()
@@ -54,7 +57,7 @@ def donated_ms(update, grads, state, params, iters: int = 10) -> float:
         jax.block_until_ready((out, s))
         times.append(time.perf_counter() - start)
         del out
-    return 1e3 * sorted(times)[len(times) // 2]
+    return 1e3 * statistics.median(times)
 
 
 def main(argv=None):

@@ -8,8 +8,8 @@ by name.
 Updates: `muonbp(period=1)` and `muonbp(period=None, block_grid=(1, 8))` at the defaults, and
 the elementwise yardstick of bench_step (momentum SGD + AdamW from optax), 3 traced updates
 each after warm-up (`--runs` picks others of bench_step's updates); the figures are of the
-median one. Idle device time is split into the gaps between kernels and the time before the
-first kernel and after the last; `--top N` also lists the N longest kernels and gaps.
+median one. Idle device time (wall time less the union of the kernels' intervals) is split
+into the gaps between kernels and the time before the first kernel and after the last; `--top N` also lists the N longest kernels and gaps.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
-import itertools
 import re
 import sys
 import tempfile
@@ -46,12 +45,17 @@ def breakdown(window, events, top: int = 0) -> dict[str, Any]:
     inside = [e for e in events if e[0] >= start and e[1] <= end]
     # The longest single kernels and the longest idle stretches (with the kernels around them).
     kernels = sorted(((round((t - s) / 1e3, 1), name) for s, t, name in inside), reverse=True)
-    gaps = []
-    for (_, t0, before), (s1, _, after) in itertools.pairwise(inside):
-        if s1 > t0:
-            gaps.append((round((s1 - t0) / 1e3, 1), before, after))
+    # Kernels of one CUDA graph may overlap (its nodes form a DAG), so the device is idle only
+    # where no kernel has started after the latest end so far: a running-max cursor.
+    gaps, busy, cursor, last = [], 0.0, start, ""
+    for s, t, name in inside:
+        if s > cursor > start:
+            gaps.append(((s - cursor) / 1e3, last, name))
+        busy += max(0, t - max(s, cursor)) / 1e3
+        if t > cursor:
+            cursor, last = t, name
     head = (inside[0][0] - start) / 1e3 if inside else 0.0
-    tail = (end - inside[-1][1]) / 1e3 if inside else 0.0
+    tail = (end - cursor) / 1e3 if inside else 0.0
     by_name: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
     matmul = other = 0.0
     for s, t, name in inside:
@@ -70,8 +74,9 @@ def breakdown(window, events, top: int = 0) -> dict[str, Any]:
         "other_us": other,
         "by_name": sorted(((round(v[0], 1), v[1], k) for k, v in by_name.items()), reverse=True),
         "kernels_top": kernels[:top],
-        "gaps_top": sorted(gaps, reverse=True)[:top],
+        "gaps_top": [(round(g, 1), a, b) for g, a, b in sorted(gaps, reverse=True)[:top]],
         "gaps_us": sum(g[0] for g in gaps),
+        "busy_us": busy,
         "before_first_us": head,
         "after_last_us": tail,
     }
@@ -122,7 +127,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "wall ms": mid["wall_us"] / 1e3,
                 "matmul kernels ms": mid["matmul_us"] / 1e3,
                 "other kernels ms": mid["other_us"] / 1e3,
-                "idle ms": (mid["wall_us"] - mid["matmul_us"] - mid["other_us"]) / 1e3,
+                # Idle: wall time less the union of the kernels' intervals (the kernel sums
+                # above count overlapping kernels in full).
+                "idle ms": (mid["wall_us"] - mid["busy_us"]) / 1e3,
                 "kernels": mid["kernels"],
                 "gaps ms": mid["gaps_us"] / 1e3,
                 "before first ms": mid["before_first_us"] / 1e3,

@@ -1,4 +1,4 @@
-# device call 1 of this pass, run from the repository root (bash callN.sh); baseline/ = git archive 3f1ec71 muonbp_jax, variant_norms/ = the batched-norms half of batched_norms_and_stack.patch, the working tree = both levers
+# device call 1 of this pass, run from the repository root (bash call1.sh); baseline/ = git archive 3f1ec71 muonbp_jax, variant_norms/ = lever 1 only, the working tree (PYTHONPATH=.) = head 3f1ec71 (no variant)
 set -x
 export PYTHONPATH=.
 python -c "import jax, optax, flax, sys; print(sys.version, jax.__version__, optax.__version__, flax.__version__); print(jax.devices())" > $OUT/versions.txt 2>&1

@@ -1,4 +1,4 @@
-# device call 2 of this pass, run from the repository root (bash callN.sh); baseline/ = git archive 3f1ec71 muonbp_jax, variant_norms/ = the batched-norms half of batched_norms_and_stack.patch, the working tree = both levers
+# device call 2 of this pass, run from the repository root (bash call2.sh); baseline/ = git archive 3f1ec71 muonbp_jax, variant_norms/ = lever 1 only, the working tree (PYTHONPATH=.) = lever 1 (batched norms)
 export PYTHONPATH=.
 R="muonbp P=1 defaults;muonbp block (1,8) defaults"
 for i in 1 2; do

@@ -1,4 +1,4 @@
-# device call 3 of this pass, run from the repository root (bash callN.sh); baseline/ = git archive 3f1ec71 muonbp_jax, variant_norms/ = the batched-norms half of batched_norms_and_stack.patch, the working tree = both levers
+# device call 3 of this pass, run from the repository root (bash call3.sh); baseline/ = git archive 3f1ec71 muonbp_jax, variant_norms/ = lever 1 only, the working tree (PYTHONPATH=.) = both levers
 export PYTHONPATH=.
 R="muonbp P=1 defaults;muonbp block (1,8) defaults"
 ab() { PYTHONPATH=$1:. timeout 120 python benchmarks/ab_update.py --label $2 --runs "$R" --iters 20 >> $OUT/ab.txt 2>&1; }

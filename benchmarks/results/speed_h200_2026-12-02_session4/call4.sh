@@ -1,4 +1,4 @@
-# device call 4 of this pass, run from the repository root (bash callN.sh); baseline/ = git archive 3f1ec71 muonbp_jax, variant_norms/ = the batched-norms half of batched_norms_and_stack.patch, the working tree = both levers
+# device call 4 of this pass, run from the repository root (bash call4.sh); baseline/ = git archive 3f1ec71 muonbp_jax, variant_norms/ = lever 1 only, the working tree (PYTHONPATH=.) = both levers
 export PYTHONPATH=.
 T="--compare muonbp,muon,adamw --steps 30 --d-model 1024 --layers 8 --heads 16 --seq 512 --batch 32 --tp-blocks 8 --eval-every 1000 --no-progress"
 timeout 170 python examples/train_lm.py $T > $OUT/train_100m_stack.txt 2>&1
