@@ -70,14 +70,16 @@ def _host_events(profile: Any) -> list[tuple[int, int, str]]:
     )
 
 
-def summarize(
-    window: tuple[int, int, str],
-    events: list[tuple[int, int, str]],
-    host: list[tuple[int, int, str]] = (),
-) -> dict[str, Any]:
-    start, end, _ = window
-    longest = sorted(((t - s, n) for s, t, n in host if s >= start and t <= end), reverse=True)[:8]
-    inside = [e for e in events if e[0] >= start and e[1] <= end]
+def device_idle(
+    start: int, end: int, inside: list[tuple[int, int, str]]
+) -> tuple[int, list[tuple[int, str, str]]]:
+    """(busy ns, idle stretches) of the sorted kernels `inside` a window [start, end].
+
+    Busy time is the union of the kernels' intervals (kernels of one CUDA graph may overlap);
+    each idle stretch is (ns, kernel before, kernel after), measured from the latest end so
+    far. With any kernel, the first stretch is the one before it ("(start of update)") and the
+    last the one after the last to end ("(end of update)").
+    """
     busy, gaps, cursor, before = 0, [], None, "(start of update)"
     for s, t, name in inside:
         if cursor is None:
@@ -86,9 +88,22 @@ def summarize(
         elif s > cursor:
             gaps.append((s - cursor, before, name))
         busy += max(0, t - max(s, cursor))
-        cursor, before = max(cursor, t), name
+        if t > cursor:
+            cursor, before = t, name
     if cursor is not None:
         gaps.append((end - cursor, before, "(end of update)"))
+    return busy, gaps
+
+
+def summarize(
+    window: tuple[int, int, str],
+    events: list[tuple[int, int, str]],
+    host: list[tuple[int, int, str]] = (),
+) -> dict[str, Any]:
+    start, end, _ = window
+    longest = sorted(((t - s, n) for s, t, n in host if s >= start and t <= end), reverse=True)[:8]
+    inside = [e for e in events if e[0] >= start and e[1] <= end]
+    busy, gaps = device_idle(start, end, inside)
     gaps = sorted((g for g in gaps if g[0] >= GAP_NS), reverse=True)
     return {
         "wall_us": (end - start) / 1e3,

@@ -28,7 +28,7 @@ import jax
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _timing
 import bench_step
-from switch_profile import _device_events, _host_windows
+from switch_profile import _device_events, _host_windows, device_idle
 
 MATMUL = re.compile(r"gemm|xmma|cutlass|cublas|sm90|sm80|matmul|dot", re.IGNORECASE)
 RUNS = ("muonbp P=1 defaults", "muonbp block (1,8) defaults")
@@ -45,17 +45,9 @@ def breakdown(window, events, top: int = 0) -> dict[str, Any]:
     inside = [e for e in events if e[0] >= start and e[1] <= end]
     # The longest single kernels and the longest idle stretches (with the kernels around them).
     kernels = sorted(((round((t - s) / 1e3, 1), name) for s, t, name in inside), reverse=True)
-    # Kernels of one CUDA graph may overlap (its nodes form a DAG), so the device is idle only
-    # where no kernel has started after the latest end so far: a running-max cursor.
-    gaps, busy, cursor, last = [], 0.0, start, ""
-    for s, t, name in inside:
-        if s > cursor > start:
-            gaps.append(((s - cursor) / 1e3, last, name))
-        busy += max(0, t - max(s, cursor)) / 1e3
-        if t > cursor:
-            cursor, last = t, name
-    head = (inside[0][0] - start) / 1e3 if inside else 0.0
-    tail = (end - cursor) / 1e3 if inside else 0.0
+    busy, idle = device_idle(start, end, inside)
+    head, tail = (idle[0][0], idle[-1][0]) if idle else (0, 0)
+    gaps = idle[1:-1]  # between kernels
     by_name: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
     matmul = other = 0.0
     for s, t, name in inside:
@@ -74,11 +66,11 @@ def breakdown(window, events, top: int = 0) -> dict[str, Any]:
         "other_us": other,
         "by_name": sorted(((round(v[0], 1), v[1], k) for k, v in by_name.items()), reverse=True),
         "kernels_top": kernels[:top],
-        "gaps_top": [(round(g, 1), a, b) for g, a, b in sorted(gaps, reverse=True)[:top]],
-        "gaps_us": sum(g[0] for g in gaps),
-        "busy_us": busy,
-        "before_first_us": head,
-        "after_last_us": tail,
+        "gaps_top": [(round(g / 1e3, 1), a, b) for g, a, b in sorted(gaps, reverse=True)[:top]],
+        "gaps_us": sum(g[0] for g in gaps) / 1e3,
+        "busy_us": busy / 1e3,
+        "before_first_us": head / 1e3,
+        "after_last_us": tail / 1e3,
     }
 
 
