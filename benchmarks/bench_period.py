@@ -168,10 +168,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--hlo", default=None, help="write the compiled P-loop update here")
     parser.add_argument("--ns-method", default=None, help="muonbp's ns_method (default: its)")
     parser.add_argument("--ns-coeffs", default=None, help="muonbp's ns_coeffs (default: its)")
+    parser.add_argument("--ns-product", default=None, help="muonbp's ns_product (default: its)")
     parser.add_argument("--out", default=None, help="write the figures to this JSON file")
     args = parser.parse_args(argv)
     grid = tuple(int(v) for v in args.block_grid.split(","))
-    options = {k: v for k, v in (("ns_method", args.ns_method), ("ns_coeffs", args.ns_coeffs)) if v}
+    options = {
+        k: v
+        for k, v in (
+            ("ns_method", args.ns_method),
+            ("ns_coeffs", args.ns_coeffs),
+            ("ns_product", args.ns_product),
+        )
+        if v
+    }
     payload = measure(
         args.small,
         args.period,

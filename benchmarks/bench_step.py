@@ -286,6 +286,9 @@ def optax_orthogonalize(x: jax.Array) -> jax.Array:
 QUALITY_METHODS = {
     "optax.contrib.muon NS (f32)": optax_orthogonalize,
     "defaults (polar_express, auto)": muonbp_jax.orthogonalize,
+    "defaults, product=dense (XLA matmuls only)": functools.partial(
+        muonbp_jax.orthogonalize, product="dense"
+    ),
     "plain jordan bf16": functools.partial(
         muonbp_jax.orthogonalize, ns_coeffs="jordan", method="newton_schulz"
     ),
@@ -363,12 +366,24 @@ def optimizers(model: Model) -> dict[str, Run]:
             lambda: elementwise_floor(dims)
         ),
         "muonbp P=1 defaults": Run(lambda: mb(period=1), "auto"),
+        "muonbp P=1 ns_product=dense (XLA matmuls only)": Run(
+            lambda: mb(period=1, ns_product="dense"), "auto"
+        ),
+        "muonbp P=1 ns_product=wgmma-unfused": Run(
+            lambda: mb(period=1, ns_product="wgmma-unfused"), "auto"
+        ),
         "muonbp P=1 plain jordan (0.2 defaults)": Run(lambda: mb(period=1, **old), "plain"),
         "muonbp P=1 plain polar_express": Run(
             lambda: mb(period=1, ns_coeffs="polar_express", ns_method="newton_schulz"), "plain"
         ),
         "muonbp P=1 defaults mu=bf16": Run(lambda: mb(period=1, mu_dtype=jnp.bfloat16), "auto"),
         "muonbp block (1,8) defaults": Run(lambda: mb(period=None, block_grid=(1, 8)), "block:1,8"),
+        "muonbp block (1,8) ns_product=dense": Run(
+            lambda: mb(period=None, block_grid=(1, 8), ns_product="dense"), "block:1,8"
+        ),
+        "muonbp block (1,8) ns_product=wgmma-unfused": Run(
+            lambda: mb(period=None, block_grid=(1, 8), ns_product="wgmma-unfused"), "block:1,8"
+        ),
         "muonbp block (1,8) plain jordan (0.2 defaults)": Run(
             lambda: mb(period=None, block_grid=(1, 8), **old), "block-plain:1,8"
         ),

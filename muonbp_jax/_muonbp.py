@@ -39,6 +39,8 @@ from muonbp_jax._newton_schulz import (
     coefficient_schedule,
 )
 from muonbp_jax._steps import FullStrategy
+from muonbp_jax._symmetric import Product
+from muonbp_jax._symmetric import check_product as _check_product
 
 DEFAULT_NS_STEPS = 5
 DEFAULT_PERIOD = 5
@@ -117,10 +119,10 @@ def _step_kind(count: jax.Array, period: Period, full_step: Any) -> tuple[Any, A
     return full_step, scheduled != full_step
 
 
-def _platform(mesh: Mesh | None) -> str | None:
-    """The platform of a concrete mesh's devices (None for no mesh or an abstract one)."""
+def _device(mesh: Mesh | None) -> jax.Device | None:
+    """A concrete mesh's first device (None for no mesh or an abstract one)."""
     devices = getattr(mesh, "devices", None) if isinstance(mesh, jax.sharding.Mesh) else None
-    return devices.flat[0].platform if devices is not None and devices.size else None
+    return devices.flat[0] if devices is not None and devices.size else None
 
 
 def shape_scale(rows: int, cols: int, consistent_rms: float | None) -> float:
@@ -271,6 +273,7 @@ def scale_by_muonbp(
     ns_method: Method = "auto",
     block_lr_rule: BlockLrRule = DEFAULT_BLOCK_LR_RULE,
     diagnostics: DiagnosticsOption = False,
+    ns_product: Product = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     """Momentum, block-periodic orthogonalization and shape scaling (no learning rate).
 
@@ -311,6 +314,15 @@ def scale_by_muonbp(
         at least twice as wide as tall (see `muonbp_jax.orthogonalize`); `"auto"` (default):
         `"gram"` on GPUs, `"newton_schulz"` on TPUs and CPUs, for the platform of the mesh's
         devices (jax's default backend without a concrete mesh), decided at trace time.
+      ns_product: how Newton–Schulz computes its Gram products X·Xᵀ (XXᵀ itself, and the
+        squares A² = A·Aᵀ of a symmetric A, exactly symmetric after rounding): `"auto"`
+        (default): on NVIDIA Hopper GPUs (H100, H200) a Mosaic GPU kernel that computes
+        their lower tiles only (`"wgmma"`, about half the FLOPs) for float16/bfloat16
+        iterations, XLA's matmul (`"dense"`) on every other device; decided at trace time for
+        the mesh's devices like `ns_method`. The kernel is differentiable (its derivative is
+        XLA matmuls) and vmaps into one launch. `"dense"` keeps XLA's matmul everywhere;
+        `"triangular"` (a Triton kernel) and `"panels:K"` are slower alternatives kept for
+        measurement (`muonbp_jax._symmetric`).
       block_lr_rule: how block updates are scaled relative to full ones, per leaf, from the
         number and shape of its blocks (see `block_lr_factor`); `"none"` scales both alike.
       diagnostics: record in the state's `diagnostics` field (a `MuonBPDiagnostics`; read it
@@ -337,6 +349,7 @@ def scale_by_muonbp(
         )
     if ns_method not in NS_METHODS:
         raise ValueError(f"ns_method must be one of {NS_METHODS}, got {ns_method!r}.")
+    _check_product(ns_product)
     if preconditioning not in PRECONDITIONINGS:
         raise ValueError(
             f"preconditioning must be one of {PRECONDITIONINGS}, got {preconditioning!r}."
@@ -399,7 +412,8 @@ def scale_by_muonbp(
             preconditioning=preconditioning,
             dtype=ns_dtype,
             method=ns_method,
-            platform=_platform(the_mesh),
+            product=ns_product,
+            device=_device(the_mesh),
         )
 
         # Each branch forms the direction from (momentum, gradient) itself and returns the
@@ -586,6 +600,7 @@ def muonbp(
     ns_method: Method = "auto",
     block_lr_rule: BlockLrRule = DEFAULT_BLOCK_LR_RULE,
     diagnostics: DiagnosticsOption = False,
+    ns_product: Product = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     """MuonBP: Muon with block-periodic orthogonalization, AdamW for the other parameters.
 
@@ -614,7 +629,7 @@ def muonbp(
         update's kind and measurements of a sample of updates (`Diagnostics.every`; see
         `scale_by_muonbp`) under `optax.tree.get(state, "diagnostics")`, and the step-size
         state the rate it applied; `read_diagnostics(state)` returns both as a dict.
-      specs, mesh, block_grid, full_strategy, ns_method, ns_dtype, ns_coeffs, ...: see
+      specs, mesh, block_grid, full_strategy, ns_method, ns_product, ns_dtype, ns_coeffs, ...: see
         `scale_by_muonbp`. Other arguments as in `optax.contrib.muon`.
 
     Returns:
@@ -677,6 +692,7 @@ def muonbp(
             ns_method=ns_method,
             block_lr_rule=block_lr_rule,
             diagnostics=diagnostics,
+            ns_product=ns_product,
         ),
         optax.add_decayed_weights(weight_decay, weight_decay_mask),
         scale_by_step_learning_rate(

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from muonbp_jax._symmetric import Product, check_product, hermitian_product
+from muonbp_jax._symmetric import Product, hermitian_product, resolve_product, square_polynomial
 from muonbp_jax._symmetric import gram as _gram
 
 Coeffs = str | Sequence[float] | Sequence[Sequence[float]] | np.ndarray | jax.Array
@@ -120,9 +120,11 @@ def _newton_schulz_step(
     x: jax.Array, a: float, b: float, c: float, product: str = "dense"
 ) -> jax.Array:
     # Quintic step X ← aX + (bA + cA²)X with A = XXᴴ, for X of shape (..., m, n), m ≤ n.
-    # XXᴴ and (cA)·A are Hermitian: `product` may compute them from their lower triangle.
+    # XXᴴ and A² are Hermitian: `product` may compute them from their lower triangle.
+    # A² is formed as A·Aᴴ (A is Hermitian): exactly Hermitian after rounding, so every
+    # product may take it from its lower triangle (see `_symmetric.hermitian_product`).
     gram = _gram(x, product)
-    return a * x + (b * gram + hermitian_product(c * gram, gram, product)) @ x
+    return a * x + square_polynomial(gram, 0.0, b, c, product) @ x
 
 
 def _gram_restarts(steps: int) -> tuple[int, ...]:
@@ -164,7 +166,6 @@ def _gram_newton_schulz(x: jax.Array, schedule: np.ndarray, product: str = "dens
     XXᴴ): they go through `hermitian_product` and `gram`, which may compute only the lower
     triangle (`_symmetric`; the default "dense" is the plain matmul).
     """
-    eye = jnp.eye(x.shape[-2], dtype=x.dtype)
     sym = functools.partial(hermitian_product, product=product)  # a·b, Hermitian
     gram = _gram(x, product)
     restarts, q = _gram_restarts(len(schedule)), None
@@ -172,7 +173,7 @@ def _gram_newton_schulz(x: jax.Array, schedule: np.ndarray, product: str = "dens
         if i in restarts:
             x = q @ x
             gram, q = _gram(x, product), None
-        poly = float(b) * gram + float(c) * sym(gram, gram) + float(a) * eye
+        poly = square_polynomial(gram, float(a), float(b), float(c), product)  # R² = R·Rᴴ
         # All iterates are polynomials of R, so Q and the step polynomial commute.
         q = poly if q is None else sym(q, poly)
         if i + 1 < len(schedule) and i + 1 not in restarts:
@@ -230,7 +231,7 @@ class NewtonSchulz:
     preconditioning: Preconditioning
     dtype: jnp.dtype
     method: str  # resolved: "newton_schulz" or "gram" (build with `create`)
-    product: str = "dense"  # how Hermitian products are computed (`_symmetric`)
+    product: str = "dense"  # how Hermitian products are computed (`_symmetric`), resolved
 
     @classmethod
     def create(
@@ -243,10 +244,15 @@ class NewtonSchulz:
         dtype: jnp.dtype | None = jnp.bfloat16,
         method: Method = "auto",
         platform: str | None = None,
-        product: Product = "dense",
+        product: Product = "auto",
+        device: jax.Device | None = None,
     ) -> NewtonSchulz:
+        """`platform` and `device` are where the iteration will run (default: jax's default
+        backend and its first device): they resolve `method="auto"` and `product="auto"`."""
         if method not in NS_METHODS:
             raise ValueError(f"Unknown Newton–Schulz method {method!r}; use one of {NS_METHODS}.")
+        if device is not None and platform is None:
+            platform = device.platform
         method = resolve_method(method, platform)
         if preconditioning not in PRECONDITIONINGS:
             raise ValueError(
@@ -258,8 +264,9 @@ class NewtonSchulz:
         compute = jnp.dtype(jnp.float32 if dtype is None else dtype)
         if jnp.issubdtype(compute, jnp.complexfloating):
             compute = jnp.finfo(compute).dtype  # a complex dtype names its precision
+        product = resolve_product(product, device)
         # eps may be traced (optax.inject_hyperparams makes float arguments arrays).
-        return cls(schedule, eps, preconditioning, compute, method, check_product(product))
+        return cls(schedule, eps, preconditioning, compute, method, product)
 
     def uses_gram(self, m: int, n: int) -> bool:
         """Whether a matrix of this (wide or tall) shape is iterated in the Gram form."""
@@ -313,6 +320,7 @@ def orthogonalize(
     preconditioning: Preconditioning = "frobenius",
     dtype: jnp.dtype | None = jnp.bfloat16,
     method: Method = "auto",
+    product: Product = "auto",
 ) -> jax.Array:
     """Approximately orthogonalizes the last two axes of `x` by Newton–Schulz iterations.
 
@@ -344,6 +352,10 @@ def orthogonalize(
       method: `"newton_schulz"` (iterate on X), `"gram"` (iterate on XXᴴ, see above) or
         `"auto"` (the default): `"gram"` on GPUs, `"newton_schulz"` elsewhere (TPUs, CPUs),
         for jax's default backend (`AUTO_METHODS`), decided when the function is traced.
+      product: how the products known to be symmetric (XXᵀ, and the Gram form's products of
+        polynomials of XXᵀ) are computed: `"auto"` (the default) uses a kernel that computes
+        their lower tiles only, about half the FLOPs, on NVIDIA Hopper GPUs (`"wgmma"`, see
+        `muonbp_jax._symmetric_wgmma`) and XLA's matmul (`"dense"`) everywhere else.
 
     Returns:
       An array like `x` whose matrices have singular values near 1 (about [0.87, 1.12] on
@@ -353,7 +365,13 @@ def orthogonalize(
     if x.ndim < 2:
         raise ValueError(f"orthogonalize needs an array of rank >= 2, got shape {x.shape}.")
     ns = NewtonSchulz.create(
-        ns_coeffs, ns_steps, eps=eps, preconditioning=preconditioning, dtype=dtype, method=method
+        ns_coeffs,
+        ns_steps,
+        eps=eps,
+        preconditioning=preconditioning,
+        dtype=dtype,
+        method=method,
+        product=product,
     )
     return ns(x).astype(x.dtype)
 

@@ -9,10 +9,18 @@ three implementations:
 * `"triangular"`: a Pallas (Triton) kernel on GPUs. Each program computes one lower tile
   (i ≥ j) and writes it and its mirror, so the matmul FLOPs are (t+1)/(2t) of the dense
   product for t tiles per side. Real float16/bfloat16/float32 only.
+* `"wgmma"`: a Mosaic GPU kernel for Hopper (sm_90: TMA, warp-specialized pipeline, wgmma),
+  the same lower tiles and mirror (`_symmetric_wgmma`), for X·Xᴴ only (see
+  `hermitian_product`), with Newton–Schulz's polynomial α·I + β·R + γ·R² formed in the
+  kernel (`square_polynomial`). Real float16/bfloat16 only. `"wgmma-unfused"`: the same
+  kernel for X·Xᴴ, the polynomial as an XLA pass (kept for measurement).
 * `"panels:K"`: K lower block panels as XLA matmuls, then the mirror assembled:
   (K+1)/(2K) of the FLOPs, any backend.
-* `"dense"`: the plain product (the default: on one H200 neither of the others was faster,
-  benchmarks/RESULTS.md).
+* `"dense"`: the plain product.
+
+`"auto"` (the default) is `"wgmma"` on Hopper GPUs and `"dense"` everywhere else
+(`resolve_product`): on one H200 the Mosaic kernel made Newton–Schulz on bench_step's tree
+faster, the Triton kernel and the panels did not (benchmarks/RESULTS.md).
 
 The blocks above the diagonal are the exact mirror of those below it; diagonal blocks are
 computed in full (exactly symmetric only for XXᴴ). The dense product's result is Hermitian
@@ -27,8 +35,9 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-Product = Literal["dense", "triangular"] | str  # or "panels:K"
-PRODUCTS: tuple[str, ...] = ("dense", "triangular", "panels:K")
+Product = Literal["auto", "dense", "triangular", "wgmma", "wgmma-unfused"] | str  # "panels:K"
+PRODUCTS: tuple[str, ...] = ("auto", "dense", "triangular", "wgmma", "wgmma-unfused", "panels:K")
+_KERNEL_PRODUCTS = ("wgmma", "wgmma-unfused")  # the Mosaic GPU kernel's
 
 
 def _adjoint(x: jax.Array) -> jax.Array:
@@ -137,11 +146,31 @@ def panel_product(a: jax.Array, b: jax.Array, splits: int) -> jax.Array:
 def check_product(product: str) -> str:
     """`product` if it names one of `PRODUCTS`, else a ValueError."""
     if isinstance(product, str) and (
-        product in ("dense", "triangular")
+        product in ("auto", "dense", "triangular", *_KERNEL_PRODUCTS)
         or (product.startswith("panels:") and product[7:].isdecimal() and int(product[7:]) >= 1)
     ):
         return product
-    raise ValueError(f"Unknown Hermitian product {product!r}; use one of {PRODUCTS}.")
+    raise ValueError(f"Unknown ns_product (Hermitian product) {product!r}; use one of {PRODUCTS}.")
+
+
+def resolve_product(product: Product, device=None) -> str:
+    """The product `product` stands for on `device` (default: jax's first default device):
+    `"auto"` is `"wgmma"` where that kernel runs (`_symmetric_wgmma.runs_on`), else `"dense"`.
+    Asking for `"wgmma"` elsewhere is a ValueError, as is an unknown name."""
+    product = check_product(product)
+    if product not in ("auto", *_KERNEL_PRODUCTS):
+        return product
+    from muonbp_jax import _symmetric_wgmma
+
+    device = jax.devices()[0] if device is None else device
+    if _symmetric_wgmma.runs_on(device):
+        return "wgmma" if product == "auto" else product
+    if product != "auto":
+        raise ValueError(
+            f"ns_product={product!r} needs an NVIDIA Hopper GPU (compute capability 9.0); the "
+            f"device is {device.device_kind!r} ({device.platform}). Use 'auto' or 'dense'."
+        )
+    return "dense"
 
 
 def _from_lower(a: jax.Array, rows: jax.Array, product: str) -> jax.Array | None:
@@ -150,6 +179,13 @@ def _from_lower(a: jax.Array, rows: jax.Array, product: str) -> jax.Array | None
     if product == "triangular":
         supported = a.shape == rows.shape and not jnp.iscomplexobj(a) and triangular_supported(a)
         return triangular_product(a, rows) if supported else None
+    if product in _KERNEL_PRODUCTS:
+        from muonbp_jax import _symmetric_wgmma
+
+        supported = (
+            a.shape == rows.shape and a.dtype == rows.dtype and _symmetric_wgmma.supported(a)
+        )
+        return _symmetric_wgmma.lower_tile_product(a, rows) if supported else None
     if product.startswith("panels:"):
         return panel_product(a, rows, int(product.split(":")[1]))
     return None
@@ -159,12 +195,40 @@ def hermitian_product(a: jax.Array, b: jax.Array, product: str = "dense") -> jax
     """a·b for a Hermitian b whose product with a is known to be Hermitian (two commuting
     polynomials of one Hermitian matrix, say): a·b = a·bᴴ, so only its lower triangle needs
     computing. "dense" (and any shape or dtype the kernel does not take) is plain `a @ b`.
+
+    "wgmma" is plain `a @ b` here too: it serves `gram` only. Such a product is Hermitian in
+    exact arithmetic, not after rounding (a and b commute only up to rounding), and mirroring
+    its lower triangle turns the antisymmetric part of its rounding error into a symmetric
+    error, which moves eigenvalues where the antisymmetric one barely does: with it, the Gram
+    iteration pushed the largest singular value of bench_step's heavy-tailed test matrix from
+    1.135 to 1.25 on an H200 (1.133 → 1.160 in a float64 simulation of float16 rounding;
+    benchmarks/RESULTS.md). XXᴴ is Hermitian after rounding too: its mirror is exact.
     """
-    out = _from_lower(a, b, product)
+    out = None if product in _KERNEL_PRODUCTS else _from_lower(a, b, product)
     return a @ b if out is None else out
 
 
 def gram(x: jax.Array, product: str = "dense") -> jax.Array:
-    """X·Xᴴ, from its lower triangle unless `product` is "dense"."""
+    """X·Xᴴ, from its lower triangle unless `product` is "dense" (for a Hermitian X: X², as
+    Newton–Schulz squares its Gram matrix)."""
     out = _from_lower(x, x, product)
     return dense_product(x, x) if out is None else out
+
+
+def square_polynomial(
+    r: jax.Array, alpha: float, beta: float, gamma: float, product: str = "dense"
+) -> jax.Array:
+    """α·I + β·R + γ·R² for a Hermitian R of shape (..., m, m), R² as `gram(R)` (R·Rᴴ).
+
+    "wgmma" computes it in one kernel (`_symmetric_wgmma.square_polynomial`: the linear and
+    identity terms added to each tile of R·Rᵀ before it is stored), where the kernel takes R;
+    every other product, and "wgmma-unfused", forms R² first and the sum in an XLA pass."""
+    if product == "wgmma" and not jnp.iscomplexobj(r) and r.shape[-1] == r.shape[-2]:
+        from muonbp_jax import _symmetric_wgmma
+
+        if _symmetric_wgmma.supported(r):
+            return _symmetric_wgmma.square_polynomial(r, alpha, beta, gamma)
+    out = beta * r + gamma * gram(r, product)
+    if alpha:
+        out = out + alpha * jnp.eye(r.shape[-1], dtype=r.dtype)
+    return out

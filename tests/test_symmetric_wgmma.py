@@ -1,0 +1,168 @@
+"""The Hopper lower-tile kernel (`muonbp_jax._symmetric_wgmma`) where no GPU is: its tile
+schedule against a hand enumeration, its lowering for CUDA (which checks the kernel against
+the installed jax's Mosaic GPU API), and when `ns_product="auto"` picks it. Its numbers are
+checked on a GPU against float64 by `benchmarks/bench_symmetric.py`."""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import muonbp_jax
+from muonbp_jax import _symmetric, _symmetric_wgmma
+from muonbp_jax._newton_schulz import NewtonSchulz
+
+
+@pytest.mark.parametrize("t", [2, 4, 6, 16])
+def test_the_tile_schedule_visits_every_lower_tile_once(t):
+    i, j = _symmetric_wgmma._lower_tile(jnp.arange(t * (t + 1) // 2, dtype=jnp.int32), t)
+    visited = list(zip(np.asarray(i).tolist(), np.asarray(j).tolist()))
+    expected = [(r, c) for r in range(t) for c in range(r + 1)]
+    assert sorted(visited) == expected  # each lower tile once, nothing above the diagonal
+
+
+@pytest.mark.parametrize(
+    "shape, dtype",
+    [((2, 256, 512), jnp.float16), ((3, 512, 256), jnp.bfloat16), ((2, 2, 256, 128), jnp.float16)],
+)
+def test_the_kernel_lowers_for_cuda(shape, dtype):
+    a = jax.ShapeDtypeStruct(shape, dtype)
+    fn = jax.jit(functools.partial(_symmetric_wgmma.lower_tile_product, num_sms=132))
+    lowered = fn.trace(a, a).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()  # the kernel, not a fallback
+    assert lowered.out_info.shape == (*shape[:-1], shape[-2])
+    assert lowered.out_info.dtype == dtype
+
+
+def _lowered(fn, *args):
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+
+
+def test_vmap_is_one_launch_with_the_mapped_axis_as_a_batch():
+    a = jax.ShapeDtypeStruct((5, 2, 256, 512), jnp.float16)
+    product = functools.partial(_symmetric_wgmma.lower_tile_product, num_sms=132)
+    lowered = _lowered(jax.vmap(lambda x: product(x, x)), a)
+    text = lowered.as_text()
+    assert "stablehlo.while" not in text  # no loop over the mapped axis
+    kernel_launches = [line for line in text.splitlines() if "stablehlo.custom_call" in line]
+    assert len(kernel_launches) == 1
+    assert "tensor<10x256x512xf16>" in kernel_launches[0]  # 5 × 2 folded into the batch
+    assert lowered.out_info.shape == (5, 2, 256, 256)
+
+
+def test_the_kernel_has_a_derivative_made_of_xla_matmuls():
+    a = jax.ShapeDtypeStruct((2, 256, 512), jnp.float16)
+    product = functools.partial(_symmetric_wgmma.lower_tile_product, num_sms=132)
+    loss = lambda x: jnp.sum(product(x, x).astype(jnp.float32))
+    text = _lowered(jax.value_and_grad(loss), a).as_text()
+    assert "mosaic_gpu" in text and "dot_general" in text
+    # Forward-mode too, as jax.jvp and jax.linearize use it.
+    text = _lowered(lambda x: jax.jvp(lambda v: product(v, v), (x,), (x,)), a).as_text()
+    assert "mosaic_gpu" in text and "dot_general" in text
+
+
+@pytest.mark.parametrize(
+    "shape, dtype", [((2, 256, 512), jnp.float32), ((2, 128, 512), jnp.float16)]
+)
+def test_the_kernel_refuses_what_it_does_not_take(shape, dtype):
+    a = jnp.zeros(shape, dtype)
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        _symmetric_wgmma.lower_tile_product(a, a, num_sms=132)
+
+
+def _device(platform, capability=None):
+    return SimpleNamespace(
+        platform=platform, compute_capability=capability, device_kind=f"{platform} {capability}"
+    )
+
+
+@pytest.mark.parametrize(
+    "device, expected",
+    [
+        (_device("gpu", "9.0"), "wgmma"),
+        (_device("gpu", "8.0"), "dense"),
+        (_device("gpu", "10.0"), "dense"),
+        (_device("cpu"), "dense"),
+        (_device("tpu"), "dense"),
+    ],
+)
+def test_auto_product_is_the_kernel_on_hopper_only(device, expected):
+    assert _symmetric.resolve_product("auto", device) == expected
+    assert NewtonSchulz.create(device=device).product == expected
+
+
+def test_asking_for_the_kernel_off_hopper_is_an_error():
+    with pytest.raises(ValueError, match="Hopper"):
+        _symmetric.resolve_product("wgmma", _device("gpu", "8.0"))
+    with pytest.raises(ValueError, match="Hopper"):
+        NewtonSchulz.create(product="wgmma")  # the CPU devices of the tests
+
+
+def test_defaults_on_this_machine_are_xla_matmuls():
+    assert NewtonSchulz.create().product == "dense"
+
+
+def test_an_unknown_ns_product_is_rejected_at_construction():
+    with pytest.raises(ValueError, match="ns_product"):
+        muonbp_jax.muonbp(0.01, ns_product="cublas")
+
+
+@pytest.mark.parametrize("own_tile", ["tma", "direct"])
+@pytest.mark.parametrize("alpha", [0.0, 3.4445])
+def test_the_polynomial_kernel_lowers_for_cuda(own_tile, alpha):
+    r = jax.ShapeDtypeStruct((3, 512, 512), jnp.float16)
+    fn = functools.partial(
+        _symmetric_wgmma.square_polynomial,
+        alpha=alpha,
+        beta=-4.775,
+        gamma=2.0315,
+        tiling=_symmetric_wgmma.Tiling(own_tile=own_tile),
+        num_sms=132,
+    )
+    lowered = _lowered(fn, r)
+    launches = [line for line in lowered.as_text().splitlines() if "stablehlo.custom_call" in line]
+    assert len(launches) == 1 and "mosaic_gpu" in launches[0]  # no XLA pass around it
+    assert lowered.out_info.shape == r.shape
+
+
+def test_the_polynomial_kernel_refuses_non_square_matrices():
+    with pytest.raises(ValueError, match="square"):
+        _lowered(
+            lambda r: _symmetric_wgmma.square_polynomial(r, 1.0, 1.0, 1.0, num_sms=8),
+            jax.ShapeDtypeStruct((2, 256, 512), jnp.float16),
+        )
+
+
+def test_the_xla_polynomial_matches_float64():
+    x = np.random.default_rng(0).standard_normal((2, 96, 96))
+    r = (x + np.swapaxes(x, -1, -2)) / 20
+    alpha, beta, gamma = 3.4445, -4.775, 2.0315
+    want = alpha * np.eye(96) + beta * r + gamma * r @ r
+    got = _symmetric.square_polynomial(jnp.asarray(r, jnp.float32), alpha, beta, gamma)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-4 * np.abs(want).max())
+    got = _symmetric.square_polynomial(jnp.asarray(r, jnp.float32), 0.0, beta, gamma)
+    np.testing.assert_allclose(
+        np.asarray(got), want - alpha * np.eye(96), atol=1e-4 * np.abs(want).max()
+    )
+
+
+def test_newton_schulz_on_hopper_forms_its_polynomials_in_the_kernel():
+    hopper = SimpleNamespace(platform="gpu", compute_capability="9.0", device_kind="H200")
+    x = jax.ShapeDtypeStruct((4, 512, 2048), jnp.float32)  # Gram form: R 512 × 512
+    counts = {}
+    for product in ("wgmma", "wgmma-unfused", "dense"):
+        ns = NewtonSchulz.create(device=hopper, product=product, dtype=jnp.float16)
+        assert ns.product == product
+        lines = _lowered(ns, x).as_text().splitlines()
+        launches = sum("stablehlo.custom_call" in line for line in lines)
+        # XLA additions on R-sized matrices: the polynomials' sums, when not in the kernel
+        sums = sum("stablehlo.add" in line and "4x512x512xf16" in line for line in lines)
+        counts[product] = launches, sums
+    assert counts["dense"][0] == 0 and counts["dense"][1] > 0
+    assert counts["wgmma-unfused"] == (counts["wgmma"][0], counts["dense"][1])
+    assert counts["wgmma"][0] > 0 and counts["wgmma"][1] == 0
