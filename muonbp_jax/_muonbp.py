@@ -120,9 +120,13 @@ def _step_kind(count: jax.Array, period: Period, full_step: Any) -> tuple[Any, A
 
 
 def _device(mesh: Mesh | None) -> jax.Device | None:
-    """A concrete mesh's first device (None for no mesh or an abstract one)."""
+    """A concrete mesh's first device of this process (of any process if it has none; None
+    for no mesh or an abstract one): what `ns_method` and `ns_product` are resolved for."""
     devices = getattr(mesh, "devices", None) if isinstance(mesh, jax.sharding.Mesh) else None
-    return devices.flat[0] if devices is not None and devices.size else None
+    if devices is None or not devices.size:
+        return None
+    here = jax.process_index()
+    return next((d for d in devices.flat if d.process_index == here), devices.flat[0])
 
 
 def shape_scale(rows: int, cols: int, consistent_rms: float | None) -> float:
@@ -314,15 +318,19 @@ def scale_by_muonbp(
         at least twice as wide as tall (see `muonbp_jax.orthogonalize`); `"auto"` (default):
         `"gram"` on GPUs, `"newton_schulz"` on TPUs and CPUs, for the platform of the mesh's
         devices (jax's default backend without a concrete mesh), decided at trace time.
-      ns_product: how Newton–Schulz computes its Gram products X·Xᵀ (XXᵀ itself, and the
-        squares A² = A·Aᵀ of a symmetric A, exactly symmetric after rounding): `"auto"`
+      ns_product: how Newton–Schulz computes its Gram products X·Xᵀ and its step
+        polynomials α·I + β·A + γ·A² of a Gram matrix A (A² as A·Aᵀ): `"auto"`
         (default): on NVIDIA Hopper GPUs (H100, H200) a Mosaic GPU kernel that computes
         their lower tiles only (`"wgmma"`, about half the FLOPs) for float16/bfloat16
         iterations, XLA's matmul (`"dense"`) on every other device; decided at trace time for
         the mesh's devices like `ns_method`. The kernel is differentiable (its derivative is
         XLA matmuls) and vmaps into one launch. `"dense"` keeps XLA's matmul everywhere;
+        `"wgmma-unfused"` (the kernel without the polynomial in its epilogue),
         `"triangular"` (a Triton kernel) and `"panels:K"` are slower alternatives kept for
-        measurement (`muonbp_jax._symmetric`).
+        measurement (`muonbp_jax._symmetric`). An explicit kernel product where the kernel
+        does not run is a ValueError when the update is first traced; shapes or dtypes it
+        does not take (float32 iterations, complex matrices, sides not a multiple of 256)
+        use XLA's matmul silently.
       block_lr_rule: how block updates are scaled relative to full ones, per leaf, from the
         number and shape of its blocks (see `block_lr_factor`); `"none"` scales both alike.
       diagnostics: record in the state's `diagnostics` field (a `MuonBPDiagnostics`; read it

@@ -163,8 +163,9 @@ def _gram_newton_schulz(x: jax.Array, schedule: np.ndarray, product: str = "dens
     squared singular values), so X and R are rebuilt at the restarts of `_gram_restarts`.
 
     Every m×m product here is of two polynomials of R, which commute, so it is Hermitian (as is
-    XXᴴ): they go through `hermitian_product` and `gram`, which may compute only the lower
-    triangle (`_symmetric`; the default "dense" is the plain matmul).
+    XXᴴ): they go through `hermitian_product`, `gram` and `square_polynomial`, which may compute
+    only the lower triangle (`_symmetric`: "dense" is the plain matmul; "wgmma" uses its kernel
+    for XXᴴ and the step polynomials α·I + β·R + γ·R² only).
     """
     sym = functools.partial(hermitian_product, product=product)  # a·b, Hermitian
     gram = _gram(x, product)
@@ -254,6 +255,8 @@ class NewtonSchulz:
         if device is not None and platform is None:
             platform = device.platform
         method = resolve_method(method, platform)
+        if product == "auto" and platform not in (None, "gpu", "cuda"):
+            product = "dense"  # the kernel is for GPUs: `platform` overrides the default device
         if preconditioning not in PRECONDITIONINGS:
             raise ValueError(
                 f"Unknown preconditioning {preconditioning!r}; use one of {PRECONDITIONINGS}."
@@ -352,10 +355,11 @@ def orthogonalize(
       method: `"newton_schulz"` (iterate on X), `"gram"` (iterate on XXᴴ, see above) or
         `"auto"` (the default): `"gram"` on GPUs, `"newton_schulz"` elsewhere (TPUs, CPUs),
         for jax's default backend (`AUTO_METHODS`), decided when the function is traced.
-      product: how the products known to be symmetric (XXᵀ, and the Gram form's products of
-        polynomials of XXᵀ) are computed: `"auto"` (the default) uses a kernel that computes
-        their lower tiles only, about half the FLOPs, on NVIDIA Hopper GPUs (`"wgmma"`, see
-        `muonbp_jax._symmetric_wgmma`) and XLA's matmul (`"dense"`) everywhere else.
+      product: how the Gram products X·Xᵀ (and the step polynomials α·I + β·A + γ·A² of a
+        Gram matrix A) are computed: `"auto"` (the default) uses a kernel that computes their
+        lower tiles only, about half the FLOPs, on NVIDIA Hopper GPUs for float16/bfloat16
+        iterations (`"wgmma"`, see `muonbp_jax._symmetric_wgmma`) and XLA's matmul
+        (`"dense"`) everywhere else.
 
     Returns:
       An array like `x` whose matrices have singular values near 1 (about [0.87, 1.12] on

@@ -4,7 +4,7 @@ Newton–Schulz spends most of its FLOPs on products whose result is known to be
 XXᴴ, and in the Gram form every product of two polynomials of R = XXᴴ (they commute, so
 their product is Hermitian too). Only the lower triangle of such a product needs computing;
 the upper one is its mirror. `gram(x) = X·Xᴴ` and `hermitian_product(a, b) = a·b (= a·bᴴ)` have
-three implementations:
+these implementations:
 
 * `"triangular"`: a Pallas (Triton) kernel on GPUs. Each program computes one lower tile
   (i ≥ j) and writes it and its mirror, so the matmul FLOPs are (t+1)/(2t) of the dense
@@ -162,13 +162,16 @@ def resolve_product(product: Product, device=None) -> str:
         return product
     from muonbp_jax import _symmetric_wgmma
 
-    device = jax.devices()[0] if device is None else device
+    # This process's own device: every process of a multi-process run resolves alike.
+    device = jax.local_devices()[0] if device is None else device
     if _symmetric_wgmma.runs_on(device):
         return "wgmma" if product == "auto" else product
     if product != "auto":
         raise ValueError(
-            f"ns_product={product!r} needs an NVIDIA Hopper GPU (compute capability 9.0); the "
-            f"device is {device.device_kind!r} ({device.platform}). Use 'auto' or 'dense'."
+            f"ns_product={product!r} needs an NVIDIA Hopper GPU (compute capability 9.0) and "
+            f"a jax with Mosaic GPU's warp-specialized pipeline (tested: 0.10.2, 0.11.2); the "
+            f"device is {getattr(device, 'device_kind', device)!r} ({device.platform}), jax "
+            f"{jax.__version__}. Use 'auto' or 'dense'."
         )
     return "dense"
 
@@ -222,13 +225,18 @@ def square_polynomial(
 
     "wgmma" computes it in one kernel (`_symmetric_wgmma.square_polynomial`: the linear and
     identity terms added to each tile of R·Rᵀ before it is stored), where the kernel takes R;
-    every other product, and "wgmma-unfused", forms R² first and the sum in an XLA pass."""
+    every other product forms γ·R² first, as `hermitian_product(γ·R, R)` (the dense
+    product's rounding as before this kernel), and "wgmma-unfused" as γ·`gram(R)`; the sum is
+    then an XLA pass."""
     if product == "wgmma" and not jnp.iscomplexobj(r) and r.shape[-1] == r.shape[-2]:
         from muonbp_jax import _symmetric_wgmma
 
         if _symmetric_wgmma.supported(r):
             return _symmetric_wgmma.square_polynomial(r, alpha, beta, gamma)
-    out = beta * r + gamma * gram(r, product)
+    if product == "wgmma-unfused":
+        out = beta * r + gamma * gram(r, product)
+    else:
+        out = beta * r + hermitian_product(gamma * r, r, product)
     if alpha:
         out = out + alpha * jnp.eye(r.shape[-1], dtype=r.dtype)
     return out

@@ -51,10 +51,35 @@ class Tiling:
     own_tile: str = "tma"
 
 
+@functools.cache
+def api_available() -> bool:
+    """Whether the installed jax has the Mosaic GPU calls the kernel is written against (an
+    experimental API: a jax without them falls back to XLA's matmul under "auto")."""
+    try:
+        _, plgpu = _mgpu()
+    except ImportError:
+        return False
+    needed = (
+        "emit_pipeline_warp_specialized",
+        "transpose_ref",
+        "layout_cast",
+        "nd_loop",
+        "find_swizzle",
+        "broadcasted_iota",
+        "load",
+    )
+    return (
+        all(hasattr(plgpu, name) for name in needed)
+        and hasattr(plgpu.Layout, "WGMMA_TRANSPOSED")
+        and hasattr(plgpu.LoweringSemantics, "Warpgroup")
+    )
+
+
 def runs_on(device) -> bool:
     """Whether the kernel runs on `device`: an NVIDIA GPU of compute capability 9.0 (Hopper:
-    H100, H200, GH200)."""
-    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")) == "9.0"
+    H100, H200, GH200), with a jax that has the calls it needs (`api_available`)."""
+    hopper = device.platform == "gpu" and str(getattr(device, "compute_capability", "")) == "9.0"
+    return hopper and api_available()
 
 
 def supported(a: jax.Array, tiling: Tiling = Tiling()) -> bool:
@@ -62,6 +87,7 @@ def supported(a: jax.Array, tiling: Tiling = Tiling()) -> bool:
     m, k = a.shape[-2:]
     return (
         a.dtype in (jnp.float16, jnp.bfloat16)
+        and a.size > 0
         and m % (2 * tiling.tile) == 0
         and k % tiling.tile_k == 0
     )
@@ -213,7 +239,10 @@ def square_polynomial(
 ) -> jax.Array:
     """α·I + β·R + γ·R² for a real half-precision symmetric R of shape (..., m, m), R² as
     R·Rᵀ from its lower tiles like `lower_tile_product`; the linear and identity terms are
-    added to each tile in registers, so no elementwise pass reads R² back."""
+    added to each tile in registers, so no elementwise pass reads R² back. R must be exactly
+    symmetric: the tiles above the diagonal are mirrors, β·R's included (and so is the
+    derivative's β·dR, which `jax.jvp` takes from the unmirrored tangent: symmetric tangents
+    only, as inside Newton–Schulz)."""
     poly = (float(alpha), float(beta), float(gamma))
     return _differentiable(tiling, num_sms, poly, r, r)
 
@@ -254,6 +283,16 @@ def _differentiable_jvp(tiling, num_sms, poly, primals, tangents):
     return _differentiable(tiling, num_sms, poly, a, b), tangent
 
 
+def _local_sms() -> int:
+    """This process's first GPU's SM count; 132 (H100 SXM, H200) where there is no GPU (a
+    program lowered for CUDA elsewhere)."""
+    try:
+        gpus = jax.local_devices(backend="gpu")
+    except RuntimeError:
+        gpus = []
+    return (getattr(gpus[0], "core_count", None) if gpus else None) or 132
+
+
 def _run(a: jax.Array, b: jax.Array, tiling: Tiling, num_sms: int | None, poly) -> jax.Array:
     _, plgpu = _mgpu()
     m, k = a.shape[-2:]
@@ -268,8 +307,8 @@ def _run(a: jax.Array, b: jax.Array, tiling: Tiling, num_sms: int | None, poly) 
     lead = a.shape[:-2]
     a3, b3 = a.reshape(-1, m, k), b.reshape(-1, m, k)
     batch, t = a3.shape[0], m // tiling.tile
-    if num_sms is None:  # the device's SMs; 132 (H100 SXM, H200) when lowered off a GPU
-        num_sms = getattr(jax.devices()[0], "core_count", None) or 132
+    if num_sms is None:
+        num_sms = _local_sms()
     run = plgpu.kernel(
         functools.partial(_kernel, tiling=tiling, t=t, batch=batch, poly=poly),
         out_type=jax.ShapeDtypeStruct((batch, m, m), a.dtype),

@@ -97,14 +97,31 @@ def test_auto_product_is_the_kernel_on_hopper_only(device, expected):
 
 
 def test_asking_for_the_kernel_off_hopper_is_an_error():
-    with pytest.raises(ValueError, match="Hopper"):
-        _symmetric.resolve_product("wgmma", _device("gpu", "8.0"))
-    with pytest.raises(ValueError, match="Hopper"):
-        NewtonSchulz.create(product="wgmma")  # the CPU devices of the tests
+    for product in ("wgmma", "wgmma-unfused"):
+        with pytest.raises(ValueError, match="Hopper"):
+            _symmetric.resolve_product(product, _device("gpu", "8.0"))
+        with pytest.raises(ValueError, match="Hopper"):
+            NewtonSchulz.create(product=product, device=_device("cpu"))
 
 
-def test_defaults_on_this_machine_are_xla_matmuls():
-    assert NewtonSchulz.create().product == "dense"
+def test_a_non_gpu_platform_keeps_xla_matmuls_whatever_the_default_device():
+    assert NewtonSchulz.create(platform="tpu").product == "dense"
+    assert NewtonSchulz.create(device=_device("cpu")).product == "dense"
+
+
+def test_a_jax_without_the_mosaic_calls_falls_back_to_xla(monkeypatch):
+    monkeypatch.setattr(_symmetric_wgmma, "api_available", lambda: False)
+    assert _symmetric.resolve_product("auto", _device("gpu", "9.0")) == "dense"
+    with pytest.raises(ValueError, match="Mosaic GPU"):
+        _symmetric.resolve_product("wgmma", _device("gpu", "9.0"))
+
+
+def test_this_jax_has_the_mosaic_calls():
+    assert _symmetric_wgmma.api_available()  # else "auto" would never pick the kernel
+
+
+def test_empty_batches_are_not_sent_to_the_kernel():
+    assert not _symmetric_wgmma.supported(jnp.zeros((0, 256, 256), jnp.float16))
 
 
 def test_an_unknown_ns_product_is_rejected_at_construction():
@@ -166,3 +183,41 @@ def test_newton_schulz_on_hopper_forms_its_polynomials_in_the_kernel():
     assert counts["dense"][0] == 0 and counts["dense"][1] > 0
     assert counts["wgmma-unfused"] == (counts["wgmma"][0], counts["dense"][1])
     assert counts["wgmma"][0] > 0 and counts["wgmma"][1] == 0
+
+
+def _dense_run(a, b, tiling, num_sms, poly):
+    # A stand-in for the kernel, to check the rules around it on the CPU: float32 products.
+    out = jnp.einsum("...ik,...jk->...ij", a, b, preferred_element_type=jnp.float32)
+    if poly is not None:
+        alpha, beta, gamma = poly
+        out = alpha * jnp.eye(a.shape[-1]) + beta * a.astype(jnp.float32) + gamma * out
+    return out.astype(a.dtype)
+
+
+def test_the_vmap_and_derivative_rules_match_float64(monkeypatch):
+    monkeypatch.setattr(_symmetric_wgmma, "_run", _dense_run)
+    _symmetric_wgmma._batchable.cache_clear()
+    rng = np.random.default_rng(1)
+    x64 = rng.standard_normal((3, 2, 256, 512)) / 16
+    s64 = rng.standard_normal((3, 256, 256)) / 16
+    s64 = s64 + np.swapaxes(s64, -1, -2)
+    w64 = rng.standard_normal((3, 2, 256, 256))
+    t = lambda v: np.swapaxes(v, -1, -2)
+    x, s, w = (jnp.asarray(v, jnp.float32) for v in (x64, s64, w64))
+    fn = _symmetric_wgmma.lower_tile_product
+    poly = functools.partial(_symmetric_wgmma.square_polynomial, alpha=3.0, beta=-4.0, gamma=2.0)
+    loss = lambda v, w: jnp.sum(w * fn(v, v))
+    cases = [
+        (jax.vmap(lambda v: fn(v, v))(x), x64 @ t(x64)),
+        (jax.vmap(lambda v: fn(v, x[0]), in_axes=0)(x), x64 @ t(x64[0])),  # b not mapped
+        (jax.vmap(lambda v: fn(x[0], v))(x), x64[0] @ t(x64)),  # a not mapped
+        (jax.grad(loss)(x, w), (w64 + t(w64)) @ x64),
+        (jax.vmap(jax.grad(loss))(x, w), (w64 + t(w64)) @ x64),
+        # d(αI + βS + γS²)[dS] = β·dS + γ(dS·S + S·dS), with dS = S (symmetric)
+        (jax.jvp(poly, (s,), (s,))[1], -4.0 * s64 + 2.0 * 2 * s64 @ s64),
+        (jax.vmap(poly)(s), 3.0 * np.eye(256) - 4.0 * s64 + 2.0 * s64 @ s64),
+    ]
+    for got, want in cases:
+        assert got.shape == want.shape
+        np.testing.assert_allclose(np.asarray(got), want, atol=1e-4 * np.abs(want).max())
+    _symmetric_wgmma._batchable.cache_clear()
