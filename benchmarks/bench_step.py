@@ -329,7 +329,7 @@ def bench_quality(m: int, n: int) -> list[dict[str, Any]]:
         for name, fn in QUALITY_METHODS.items():
             got = orthogonality(jax.jit(fn)(x), polar)
             rows.append({"spectrum": kind, "method": name, **{k: float(v) for k, v in got.items()}})
-        # The same matrix transposed (tall): the defaults iterate its transpose.
+        # The same matrix transposed (tall): iterated as it is, on its Gram matrix XᵀX.
         got = orthogonality(jax.jit(muonbp_jax.orthogonalize)(x.T).T, polar)
         rows.append(
             {

@@ -137,8 +137,51 @@ def check_wgmma() -> list[dict]:
                         "max|out − outᵀ|": float(np.abs(got - np.swapaxes(got, -1, -2)).max()),
                     }
                 )
+        # Xᵀ·X of tall X read as column panels (`transposed=True`): no transposed copy.
+        for batch, k, m, sms in ((3, 512, 256, None), (2, 2048, 1024, 8), (2, 8192, 2048, None)):
+            x = (jax.random.normal(jax.random.key(m * k), (batch, k, m)) / np.sqrt(k)).astype(dtype)
+            fn = functools.partial(_symmetric_wgmma.lower_tile_product, num_sms=sms, transposed=True)
+            got = np.asarray(jax.jit(fn)(x, x), np.float64)
+            x64 = np.asarray(x, np.float64)
+            want = np.swapaxes(x64, -1, -2) @ x64
+            rows.append(
+                {
+                    "dtype": jnp.dtype(dtype).name,
+                    "a·bᵀ": f"XᵀX (tall) {batch}×{k}×{m}",
+                    "SMs": sms or "all",
+                    "max|Δ| / max|ref|": float(np.abs(got - want).max() / np.abs(want).max()),
+                    "max|out − outᵀ|": float(np.abs(got - np.swapaxes(got, -1, -2)).max()),
+                }
+            )
     print(_timing.table(rows, list(rows[0]), "wgmma kernel against float64"), flush=True)
     rows += check_wgmma_transforms()
+    return rows
+
+
+# (batch, k, m): tall matrices of the tree (down 8192×2048) and of its (1, 8) tiles.
+TALL_SHAPES = ((16, 8192, 2048), (512, 2048, 256), (32 * 8, 2048, 1024), (16 * 8, 8192, 256))
+
+
+def bench_tall(iters: int) -> list[dict]:
+    """Xᵀ·X of a tall float16 X: cuBLAS (XLA's dot, transposed operand), the kernel on a
+    transposed copy (the layout before tall matrices were iterated as they are), and the
+    kernel reading column panels (`transposed=True`)."""
+    rows = []
+    kernel = _symmetric_wgmma.lower_tile_product
+    impls = {
+        "XLA dot": lambda x: jnp.swapaxes(x, -1, -2) @ x,
+        "copy + kernel": lambda x: (lambda y: kernel(y, y))(jnp.swapaxes(x, -1, -2)),
+        "kernel, column panels": lambda x: kernel(x, x, transposed=True),
+    }
+    for batch, k, m in TALL_SHAPES:
+        x = (jax.random.normal(jax.random.key(k + m), (batch, k, m)) / np.sqrt(k)).astype(
+            jnp.float16
+        )
+        row = {"Xᵀ·X of": f"{batch}×{k}×{m}"}
+        for name, fn in impls.items():
+            row[f"{name} ms"] = _timing.median_ms(jax.jit(fn), x, iters=iters)
+        rows.append(row)
+        print(_timing.table(rows[-1:], list(row)), flush=True)
     return rows
 
 
@@ -278,6 +321,7 @@ def main(argv=None):
     parser.add_argument("--skip-ns", action="store_true")
     parser.add_argument("--skip-products", action="store_true")
     parser.add_argument("--skip-polynomial", action="store_true")
+    parser.add_argument("--skip-tall", action="store_true")
     parser.add_argument(
         "--ns-products",
         default="dense,triangular",
@@ -301,6 +345,8 @@ def main(argv=None):
         payload["wgmma_check"] = check_wgmma()
         if not args.skip_polynomial:
             payload["polynomial"] = bench_polynomial(args.iters)
+        if not args.skip_tall:
+            payload["tall"] = bench_tall(args.iters)
     if not args.skip_products:
         impls = candidates(args.impls.split(","), configs, interpret)
         payload["products"] = bench_products(shapes, impls, args.iters)

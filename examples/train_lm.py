@@ -179,6 +179,14 @@ def parser() -> argparse.ArgumentParser:
         "diagnostics.png); off by default: they cost compile time and (measured with 0.3) 10-25%% of a step here, "
         "more on a GPU, and would skew the tokens/s comparison with AdamW",
     )
+    p.add_argument(
+        "--switch",
+        choices=("host", "cond"),
+        default="host",
+        help="how periodic MuonBP picks each step's kind: 'host' (default) compiles a block and "
+        "a full step and passes full_step= from the step number; 'cond': one program, a "
+        "lax.cond on the optimizer's counter",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p
 

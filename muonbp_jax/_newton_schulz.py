@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from muonbp_jax._symmetric import Product, hermitian_product, resolve_product, square_polynomial
-from muonbp_jax._symmetric import gram as _gram
+from muonbp_jax._symmetric import Product, column_gram, hermitian_product, resolve_product
+from muonbp_jax._symmetric import gram as _row_gram
+from muonbp_jax._symmetric import square_polynomial
 
 Coeffs = str | Sequence[float] | Sequence[Sequence[float]] | np.ndarray | jax.Array
 Preconditioning = Literal["frobenius", "spectral", "aol", "schatten"]
@@ -116,15 +117,33 @@ def _abs_square(x: jax.Array) -> jax.Array:
     return jnp.square(x)
 
 
+def _is_tall(x: jax.Array) -> bool:
+    return x.shape[-2] > x.shape[-1]
+
+
+def _gram(x: jax.Array, product: str) -> jax.Array:
+    """The smaller Gram matrix of X: X·Xᴴ (m×m) for a wide X, Xᴴ·X (n×n) for a tall one."""
+    return column_gram(x, product) if _is_tall(x) else _row_gram(x, product)
+
+
+def _apply(q: jax.Array, x: jax.Array) -> jax.Array:
+    """A polynomial Q of X's (smaller) Gram matrix applied on its side: Q·X for a wide X, X·Q
+    for a tall one. The iteration on a tall X is the transpose of the one on Xᴴ (Q is
+    Hermitian, its coefficients real), so tall matrices are iterated as they are, with no
+    transposed copy."""
+    return x @ q if _is_tall(x) else q @ x
+
+
 def _newton_schulz_step(
     x: jax.Array, a: float, b: float, c: float, product: str = "dense"
 ) -> jax.Array:
-    # Quintic step X ← aX + (bA + cA²)X with A = XXᴴ, for X of shape (..., m, n), m ≤ n.
+    # Quintic step X ← aX + (bA + cA²)X with A = XXᴴ, for X of shape (..., m, n), m ≤ n
+    # (a tall X: X ← aX + X(bA + cA²) with A = XᴴX).
     # XXᴴ and A² are Hermitian: `product` may compute them from their lower triangle.
     # A² is formed as A·Aᴴ (A is Hermitian): exactly Hermitian after rounding, so every
     # product may take it from its lower triangle (see `_symmetric.hermitian_product`).
     gram = _gram(x, product)
-    return a * x + square_polynomial(gram, 0.0, b, c, product) @ x
+    return a * x + _apply(square_polynomial(gram, 0.0, b, c, product), x)
 
 
 def _gram_restarts(steps: int) -> tuple[int, ...]:
@@ -156,7 +175,8 @@ def _uses_gram(m: int, n: int, steps: int) -> bool:
 def _gram_newton_schulz(x: jax.Array, schedule: np.ndarray, product: str = "dense") -> jax.Array:
     """The quintic iteration of `_newton_schulz_step`, carried out on the m×m Gram matrix.
 
-    Every iterate is X_k = Q_k·X for a polynomial Q_k of R = XXᵀ, and p(A)·X with A = X_kX_kᵀ
+    Every iterate is X_k = Q_k·X for a polynomial Q_k of R = XXᵀ (X·Q_k and R = XᵀX for a
+    tall X, see `_apply`), and p(A)·X with A = X_kX_kᵀ
     only needs A. So the m×n matrix is touched only to form R and to apply Q at the end:
     O(m³) per iteration instead of O(m²n) (Zhang, Amsel, Chen and Dao 2026, "Gram
     Newton–Schulz"). R's recursion loses accuracy in half precision (its eigenvalues are the
@@ -172,14 +192,14 @@ def _gram_newton_schulz(x: jax.Array, schedule: np.ndarray, product: str = "dens
     restarts, q = _gram_restarts(len(schedule)), None
     for i, (a, b, c) in enumerate(schedule):
         if i in restarts:
-            x = q @ x
+            x = _apply(q, x)
             gram, q = _gram(x, product), None
         poly = square_polynomial(gram, float(a), float(b), float(c), product)  # R² = R·Rᴴ
         # All iterates are polynomials of R, so Q and the step polynomial commute.
         q = poly if q is None else sym(q, poly)
         if i + 1 < len(schedule) and i + 1 not in restarts:
             gram = sym(poly, sym(gram, poly))
-    return q @ x
+    return _apply(q, x)
 
 
 def _precondition(x: jax.Array, preconditioning: str, eps: float) -> jax.Array:
@@ -205,13 +225,16 @@ def _precondition(x: jax.Array, preconditioning: str, eps: float) -> jax.Array:
         return x / (norm + eps)
     if preconditioning == "aol":
         # Almost-orthogonal-layer rescaling (Boissin et al. 2025, arXiv 2512.04632): scale row i
-        # by 1/sqrt(Σ_j |XXᴴ|_ij), which bounds the spectral norm by 1.
-        gram = x @ _adjoint(x)
-        rows = jnp.maximum(jnp.sum(jnp.abs(gram), axis=-1, keepdims=True), eps_gram)
-        return x * jax.lax.rsqrt(rows)
+        # by 1/sqrt(Σ_j |XXᴴ|_ij), which bounds the spectral norm by 1 (for a tall X, column i
+        # by the same sums of XᴴX: the rescaling of the wide Xᴴ, transposed).
+        tall = x.shape[-2] > x.shape[-1]
+        gram = _adjoint(x) @ x if tall else x @ _adjoint(x)
+        sums = jnp.sum(jnp.abs(gram), axis=-2 if tall else -1, keepdims=True)  # |gram| symmetric
+        return x * jax.lax.rsqrt(jnp.maximum(sums, eps_gram))
     if preconditioning == "schatten":
-        # Schatten-4 norm ‖XXᴴ‖_F^(1/2) ≥ ‖X‖₂ (Grishina et al. 2025, arXiv 2506.10935).
-        gram = x @ _adjoint(x)
+        # Schatten-4 norm ‖XXᴴ‖_F^(1/2) ≥ ‖X‖₂ (Grishina et al. 2025, arXiv 2506.10935); ‖XᴴX‖_F
+        # is the same norm, from the smaller Gram matrix of a tall X.
+        gram = _adjoint(x) @ x if x.shape[-2] > x.shape[-1] else x @ _adjoint(x)
         norm = jnp.sqrt(jnp.sum(_abs_square(gram), axis=(-2, -1), keepdims=True))
         return x * jax.lax.rsqrt(jnp.maximum(norm, eps_gram))
     raise ValueError(f"Unknown preconditioning {preconditioning!r}; use one of {PRECONDITIONINGS}.")
@@ -221,9 +244,10 @@ def _precondition(x: jax.Array, preconditioning: str, eps: float) -> jax.Array:
 class NewtonSchulz:
     """Newton–Schulz settings, split into the two phases that `orthogonalize_many` batches.
 
-    `prepare` puts one matrix in wide form (m ≤ n), normalizes it in float32 and casts it to
-    the dtype its iteration runs in; `iterate` runs the iteration on a batch of prepared
-    matrices of one shape. Preparing each matrix before same-shape matrices are concatenated
+    `prepare` normalizes one matrix in float32 and casts it to the dtype its iteration runs in;
+    `iterate` runs the iteration on a batch of prepared matrices of one shape, wide or tall
+    (a tall matrix is iterated on its smaller Gram matrix XᴴX, as its transpose would be, with
+    no transposed copy). Preparing each matrix before same-shape matrices are concatenated
     means the concatenation copies half-precision data, not the float32 input.
     """
 
@@ -284,9 +308,7 @@ class NewtonSchulz:
         return self.dtype
 
     def prepare(self, x: jax.Array) -> jax.Array:
-        """(..., m, n) → wide (..., min, max), normalized, in the iteration's dtype."""
-        if x.shape[-2] > x.shape[-1]:
-            x = jnp.swapaxes(x, -1, -2)  # not Xᴴ: NS(Xᵀ) = NS(X)ᵀ for complex X too
+        """(..., m, n) normalized, in the iteration's dtype."""
         if jnp.iscomplexobj(x):
             dtype = self.compute_dtype(*x.shape[-2:], complex_input=True)
             return _precondition(x.astype(dtype), self.preconditioning, self.eps)
@@ -294,7 +316,7 @@ class NewtonSchulz:
         return y.astype(self.compute_dtype(*x.shape[-2:]))
 
     def iterate(self, y: jax.Array) -> jax.Array:
-        """The iteration on prepared (wide) matrices; returns them in the iteration's dtype."""
+        """The iteration on prepared matrices; returns them in the iteration's dtype."""
         schedule = np.asarray(self.schedule)
         if self.uses_gram(*y.shape[-2:]):
             return _gram_newton_schulz(y, schedule, self.product)
@@ -310,8 +332,7 @@ class NewtonSchulz:
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Orthogonalizes the last two axes of x; the result is in the iteration's dtype."""
-        y = self.iterate(self.prepare(x))
-        return jnp.swapaxes(y, -1, -2) if x.shape[-2] > x.shape[-1] else y
+        return self.iterate(self.prepare(x))
 
 
 def orthogonalize(
@@ -383,8 +404,10 @@ def orthogonalize(
 def orthogonalize_many(matrices: Sequence[jax.Array], ns: NewtonSchulz) -> list[jax.Array]:
     """Orthogonalizes a list of (batch, m, n) arrays, one batched iteration per matrix shape.
 
-    Each array is prepared on its own (wide form, normalized, cast), so an m×n and an n×m share
-    an iteration and what is concatenated is already in the iteration's dtype. The results come
+    Each array is prepared on its own (normalized, cast), so what is concatenated is already in
+    the iteration's dtype. An m×n and an n×m group are iterated apart, each as it is: measured
+    on one H200, transposing tall matrices to join their wide counterparts cost more than the
+    extra launches (benchmarks/RESULTS.md). The results come
     back in `ns.dtype` (bfloat16 by default; Gram results computed in float16 are rounded to
     it, so that every shape, and both kinds of MuonBP step, return one dtype; complex results
     stay in their complex iteration dtype): the caller casts
@@ -403,6 +426,4 @@ def orthogonalize_many(matrices: Sequence[jax.Array], ns: NewtonSchulz) -> list[
         offsets = np.cumsum([0] + [p.shape[0] for p in parts])
         for i, lo, hi in zip(members, offsets[:-1], offsets[1:]):
             out[i] = result if len(parts) == 1 else result[lo:hi]
-    return [
-        jnp.swapaxes(o, -1, -2) if m.shape[-2] > m.shape[-1] else o for o, m in zip(out, matrices)
-    ]
+    return out

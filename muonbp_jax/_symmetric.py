@@ -3,8 +3,8 @@
 Newton–Schulz spends most of its FLOPs on products whose result is known to be Hermitian:
 XXᴴ, and in the Gram form every product of two polynomials of R = XXᴴ (they commute, so
 their product is Hermitian too). Only the lower triangle of such a product needs computing;
-the upper one is its mirror. `gram(x) = X·Xᴴ` and `hermitian_product(a, b) = a·b (= a·bᴴ)` have
-these implementations:
+the upper one is its mirror. `gram(x) = X·Xᴴ`, `column_gram(x) = Xᴴ·X` (for tall X) and
+`hermitian_product(a, b) = a·b (= a·bᴴ)` have these implementations:
 
 * `"triangular"`: a Pallas (Triton) kernel on GPUs. Each program computes one lower tile
   (i ≥ j) and writes it and its mirror, so the matmul FLOPs are (t+1)/(2t) of the dense
@@ -216,6 +216,19 @@ def gram(x: jax.Array, product: str = "dense") -> jax.Array:
     Newton–Schulz squares its Gram matrix)."""
     out = _from_lower(x, x, product)
     return dense_product(x, x) if out is None else out
+
+
+def column_gram(x: jax.Array, product: str = "dense") -> jax.Array:
+    """Xᴴ·X, the Gram matrix of X's columns (the smaller one of a tall X), without a transposed
+    copy of X: the kernel products read X's column panels directly (`_symmetric_wgmma`,
+    `transposed=True`); every other product is `gram` of Xᴴ, which XLA's matmul takes as a
+    transposed operand."""
+    if product in _KERNEL_PRODUCTS and not jnp.iscomplexobj(x):
+        from muonbp_jax import _symmetric_wgmma
+
+        if _symmetric_wgmma.supported(x, transposed=True):
+            return _symmetric_wgmma.lower_tile_product(x, x, transposed=True)
+    return gram(_adjoint(x), product)
 
 
 def square_polynomial(

@@ -12,7 +12,10 @@ hopper_matmul_mgpu`), with three changes:
   position above the diagonal (a register layout change to the transposed WGMMA layout, then a
   store through a transposed view of shared memory);
 * both operands are row-major (m, k): the product is a·bᵀ, b's tiles are handed to `wgmma`
-  through a transposed shared-memory view, and leading axes are a batch.
+  through a transposed shared-memory view, and leading axes are a batch;
+* `transposed=True` takes (k, m) operands instead and computes aᵀ·b (Xᵀ·X of a tall X, so
+  that tall matrices need no transposed copy): the operand tiles are k×tile column panels,
+  handed to `wgmma` as M- and N-major shared-memory views (allowed for 16-bit types).
 
 Only real float16 and bfloat16 on sm_90 devices; callers fall back to the dense product
 elsewhere (`supported`).
@@ -82,9 +85,9 @@ def runs_on(device) -> bool:
     return hopper and api_available()
 
 
-def supported(a: jax.Array, tiling: Tiling = Tiling()) -> bool:
+def supported(a: jax.Array, tiling: Tiling = Tiling(), transposed: bool = False) -> bool:
     """Whether `lower_tile_product` takes arrays of a's shape and dtype."""
-    m, k = a.shape[-2:]
+    m, k = a.shape[-2:][::-1] if transposed else a.shape[-2:]
     return (
         a.dtype in (jnp.float16, jnp.bfloat16)
         and a.size > 0
@@ -105,11 +108,13 @@ def _lower_tile(index: jax.Array, t: int) -> tuple[jax.Array, jax.Array]:
     return lax.select(in_row_r, r, t - 1 - r), lax.select(in_row_r, c, c - r - 1)
 
 
-def _kernel(a_gmem, b_gmem, out_gmem, *, tiling: Tiling, t: int, batch: int, poly):
+def _kernel(
+    a_gmem, b_gmem, out_gmem, *, tiling: Tiling, t: int, batch: int, poly, transposed: bool
+):
     pl, plgpu = _mgpu()
     dtype = a_gmem.dtype
     tile, tile_k, half = tiling.tile, tiling.tile_k, tiling.tile // 2
-    k_steps = a_gmem.shape[-1] // tile_k
+    k_steps = a_gmem.shape[-2 if transposed else -1] // tile_k
     itemsize = jnp.dtype(dtype).itemsize
 
     def swizzled(width: int):
@@ -120,9 +125,14 @@ def _kernel(a_gmem, b_gmem, out_gmem, *, tiling: Tiling, t: int, batch: int, pol
         )
 
     def pipeline(body, compute_context):
-        spec = plgpu.BlockSpec(
-            (tile, tile_k), lambda s: (0, s), transforms=swizzled(tile_k), memory_space=plgpu.SMEM
-        )
+        if transposed:  # k×tile column panels of (k, m) operands
+            spec = plgpu.BlockSpec(
+                (tile_k, tile), lambda s: (s, 0), transforms=swizzled(tile), memory_space=plgpu.SMEM
+            )
+        else:  # tile×k row panels of (m, k) operands
+            spec = plgpu.BlockSpec(
+                (tile, tile_k), lambda s: (0, s), transforms=swizzled(tile_k), memory_space=plgpu.SMEM
+            )
         return plgpu.emit_pipeline_warp_specialized(
             body,
             grid=(k_steps,),
@@ -204,29 +214,38 @@ def _kernel(a_gmem, b_gmem, out_gmem, *, tiling: Tiling, t: int, batch: int, pol
                         plgpu.copy_smem_to_gmem(mirror_smem.at[wg], out_gmem.at[n, cols, rows])
 
             def mma(_, a_smem, b_smem, acc_ref):
-                b_half = b_smem.at[pl.ds(wg * half, half)]
-                plgpu.wgmma(acc_ref, a_smem, plgpu.transpose_ref(b_half, (1, 0)))
+                if transposed:  # a_smem, b_smem: (tile_k, tile); acc += a_smemᵀ · b_smem[:, half]
+                    b_half = b_smem.at[:, pl.ds(wg * half, half)]
+                    plgpu.wgmma(acc_ref, plgpu.transpose_ref(a_smem, (1, 0)), b_half)
+                else:  # a_smem, b_smem: (tile, tile_k); acc += a_smem · b_smem[half]ᵀ
+                    b_half = b_smem.at[pl.ds(wg * half, half)]
+                    plgpu.wgmma(acc_ref, a_smem, plgpu.transpose_ref(b_half, (1, 0)))
                 plgpu.wgmma_wait(0)
                 return acc_ref
 
-            pipeline(mma, compute_context)(
-                a_gmem.at[n, rows, :],
-                b_gmem.at[n, pl.ds(j * tile, tile), :],
-                allocations=allocations,
-            )
+            if transposed:
+                panels = (a_gmem.at[n, :, rows], b_gmem.at[n, :, pl.ds(j * tile, tile)])
+            else:
+                panels = (a_gmem.at[n, rows, :], b_gmem.at[n, pl.ds(j * tile, tile), :])
+            pipeline(mma, compute_context)(*panels, allocations=allocations)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
 def lower_tile_product(
-    a: jax.Array, b: jax.Array, tiling: Tiling = Tiling(), num_sms: int | None = None
+    a: jax.Array,
+    b: jax.Array,
+    tiling: Tiling = Tiling(),
+    num_sms: int | None = None,
+    transposed: bool = False,
 ) -> jax.Array:
     """a·bᵀ for real half-precision a, b of shape (..., m, k) whose product is symmetric,
-    computed from its lower tiles (see the module docstring).
+    computed from its lower tiles (see the module docstring); with `transposed=True`, aᵀ·b for
+    a, b of shape (..., k, m) (Xᵀ·X of a tall X without a transposed copy).
 
     Differentiable: Mosaic GPU kernels have no autodiff rule, so the derivative is given by
     hand, da·bᵀ + a·dbᵀ as XLA matmuls (the tangent's terms are not symmetric on their own)."""
-    return _differentiable(tiling, num_sms, None, a, b)
+    return _differentiable(tiling, num_sms, None, bool(transposed), a, b)
 
 
 def square_polynomial(
@@ -244,22 +263,24 @@ def square_polynomial(
     derivative's β·dR, which `jax.jvp` takes from the unmirrored tangent: symmetric tangents
     only, as inside Newton–Schulz)."""
     poly = (float(alpha), float(beta), float(gamma))
-    return _differentiable(tiling, num_sms, poly, r, r)
+    return _differentiable(tiling, num_sms, poly, False, r, r)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
-def _differentiable(tiling: Tiling, num_sms: int | None, poly, a: jax.Array, b: jax.Array):
-    return _batchable(tiling, num_sms, poly)(a, b)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 3))
+def _differentiable(
+    tiling: Tiling, num_sms: int | None, poly, transposed: bool, a: jax.Array, b: jax.Array
+):
+    return _batchable(tiling, num_sms, poly, transposed)(a, b)
 
 
 @functools.cache
-def _batchable(tiling: Tiling, num_sms: int | None, poly):
+def _batchable(tiling: Tiling, num_sms: int | None, poly, transposed: bool):
     """The kernel with a vmap rule of our own: a mapped axis becomes one more leading batch
     axis of a single kernel launch (the kernel batches its leading axes itself)."""
 
     @jax.custom_batching.custom_vmap
     def run(a, b):
-        return _run(a, b, tiling, num_sms, poly)
+        return _run(a, b, tiling, num_sms, poly, transposed)
 
     @run.def_vmap
     def _rule(axis_size, in_batched, a, b):
@@ -273,14 +294,17 @@ def _batchable(tiling: Tiling, num_sms: int | None, poly):
 
 
 @_differentiable.defjvp
-def _differentiable_jvp(tiling, num_sms, poly, primals, tangents):
+def _differentiable_jvp(tiling, num_sms, poly, transposed, primals, tangents):
     (a, b), (da, db) = primals, tangents
     transpose = lambda x: jnp.swapaxes(x, -1, -2)
-    tangent = da @ transpose(b) + a @ transpose(db)
+    if transposed:
+        tangent = transpose(da) @ b + transpose(a) @ db
+    else:
+        tangent = da @ transpose(b) + a @ transpose(db)
     if poly is not None:
         _, beta, gamma = poly
         tangent = gamma * tangent + beta * da
-    return _differentiable(tiling, num_sms, poly, a, b), tangent
+    return _differentiable(tiling, num_sms, poly, transposed, a, b), tangent
 
 
 def _local_sms() -> int:
@@ -293,24 +317,29 @@ def _local_sms() -> int:
     return (getattr(gpus[0], "core_count", None) if gpus else None) or 132
 
 
-def _run(a: jax.Array, b: jax.Array, tiling: Tiling, num_sms: int | None, poly) -> jax.Array:
+def _run(
+    a: jax.Array, b: jax.Array, tiling: Tiling, num_sms: int | None, poly, transposed: bool
+) -> jax.Array:
     _, plgpu = _mgpu()
-    m, k = a.shape[-2:]
-    if a.shape != b.shape or a.dtype != b.dtype or not supported(a, tiling):
+    m, k = a.shape[-2:][::-1] if transposed else a.shape[-2:]
+    if a.shape != b.shape or a.dtype != b.dtype or not supported(a, tiling, transposed):
+        layout = "(..., k, m)" if transposed else "(..., m, k)"
         raise ValueError(
-            f"lower_tile_product needs two float16 or bfloat16 (..., m, k) arrays of one shape "
+            f"lower_tile_product needs two float16 or bfloat16 {layout} arrays of one shape "
             f"and dtype with m a multiple of {2 * tiling.tile} and k of {tiling.tile_k}; got "
             f"{a.shape} {a.dtype}, {b.shape} {b.dtype}."
         )
-    if poly is not None and m != k:
+    if poly is not None and (m != k or transposed):
         raise ValueError(f"square_polynomial needs square matrices; got shape {a.shape}.")
     lead = a.shape[:-2]
-    a3, b3 = a.reshape(-1, m, k), b.reshape(-1, m, k)
+    a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
     batch, t = a3.shape[0], m // tiling.tile
     if num_sms is None:
         num_sms = _local_sms()
     run = plgpu.kernel(
-        functools.partial(_kernel, tiling=tiling, t=t, batch=batch, poly=poly),
+        functools.partial(
+            _kernel, tiling=tiling, t=t, batch=batch, poly=poly, transposed=transposed
+        ),
         out_type=jax.ShapeDtypeStruct((batch, m, m), a.dtype),
         grid=(min(num_sms, batch * t * (t + 1) // 2),),
         grid_names=("sm",),

@@ -191,6 +191,42 @@ def test_resume_continues_exactly(tmp_path, small_corpus):
         train(changed, corpus=small_corpus, resume=True, progress=False)
 
 
+def test_the_host_switch_trains_like_the_conditional(small_corpus):
+    """The example's default: a periodic MuonBP's block and full steps compiled apart, the kind
+    passed as `full_step=` from the host's step number. It must train as the one-program
+    `lax.cond` on the optimizer's counter does (same kinds at the same steps, same updates up
+    to the programs' different fusion)."""
+    runs = {
+        switch: train(
+            Config(optimizer="muonbp", period=2, switch=switch, **{**TINY, "steps": 4}),
+            corpus=small_corpus,
+            progress=False,
+            return_params=True,
+        )
+        for switch in ("host", "cond")
+    }
+    host, cond = runs["host"], runs["cond"]
+    assert [s["kind"] for s in host["steps"]] == ["full", "block", "full", "block"]
+    np.testing.assert_allclose(
+        [s["train_loss"] for s in host["steps"]], [s["train_loss"] for s in cond["steps"]], rtol=1e-5
+    )
+    for x, y in zip(jax.tree.leaves(host["params"]), jax.tree.leaves(cond["params"])):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        np.testing.assert_allclose(x, y, rtol=0, atol=1e-3 * np.abs(y).max())
+    # and not trivially: the parameters moved by more than that
+    first = train(
+        Config(optimizer="muonbp", period=2, **{**TINY, "steps": 1}),
+        corpus=small_corpus,
+        progress=False,
+        return_params=True,
+    )
+    moved = [
+        np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max()
+        for a, b in zip(jax.tree.leaves(first["params"]), jax.tree.leaves(host["params"]))
+    ]
+    assert max(moved) > 1e-2 * max(np.abs(np.asarray(y)).max() for y in jax.tree.leaves(cond["params"]))
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

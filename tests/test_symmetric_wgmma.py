@@ -39,6 +39,19 @@ def test_the_kernel_lowers_for_cuda(shape, dtype):
     assert lowered.out_info.dtype == dtype
 
 
+@pytest.mark.parametrize(
+    "shape, dtype", [((2, 512, 256), jnp.float16), ((3, 2048, 1024), jnp.bfloat16)]
+)
+def test_the_transposed_kernel_lowers_for_cuda(shape, dtype):
+    # Xᵀ·X of tall (k, m) matrices, read as column panels: no transpose before the kernel
+    a = jax.ShapeDtypeStruct(shape, dtype)
+    fn = functools.partial(_symmetric_wgmma.lower_tile_product, num_sms=132, transposed=True)
+    lowered = jax.jit(fn).trace(a, a).lower(lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    assert "mosaic_gpu" in text and "stablehlo.transpose" not in text
+    assert lowered.out_info.shape == (*shape[:-2], shape[-1], shape[-1])
+
+
 def _lowered(fn, *args):
     return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
 
@@ -185,9 +198,10 @@ def test_newton_schulz_on_hopper_forms_its_polynomials_in_the_kernel():
     assert counts["wgmma"][0] > 0 and counts["wgmma"][1] == 0
 
 
-def _dense_run(a, b, tiling, num_sms, poly):
+def _dense_run(a, b, tiling, num_sms, poly, transposed):
     # A stand-in for the kernel, to check the rules around it on the CPU: float32 products.
-    out = jnp.einsum("...ik,...jk->...ij", a, b, preferred_element_type=jnp.float32)
+    spec = "...ki,...kj->...ij" if transposed else "...ik,...jk->...ij"
+    out = jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
     if poly is not None:
         alpha, beta, gamma = poly
         out = alpha * jnp.eye(a.shape[-1]) + beta * a.astype(jnp.float32) + gamma * out
@@ -207,6 +221,9 @@ def test_the_vmap_and_derivative_rules_match_float64(monkeypatch):
     fn = _symmetric_wgmma.lower_tile_product
     poly = functools.partial(_symmetric_wgmma.square_polynomial, alpha=3.0, beta=-4.0, gamma=2.0)
     loss = lambda v, w: jnp.sum(w * fn(v, v))
+    xt = jnp.swapaxes(x, -1, -2)  # (3, 2, 512, 256): tall
+    tfn = functools.partial(fn, transposed=True)
+    tloss = lambda v, w: jnp.sum(w * tfn(v, v))
     cases = [
         (jax.vmap(lambda v: fn(v, v))(x), x64 @ t(x64)),
         (jax.vmap(lambda v: fn(v, x[0]), in_axes=0)(x), x64 @ t(x64[0])),  # b not mapped
@@ -216,6 +233,9 @@ def test_the_vmap_and_derivative_rules_match_float64(monkeypatch):
         # d(αI + βS + γS²)[dS] = β·dS + γ(dS·S + S·dS), with dS = S (symmetric)
         (jax.jvp(poly, (s,), (s,))[1], -4.0 * s64 + 2.0 * 2 * s64 @ s64),
         (jax.vmap(poly)(s), 3.0 * np.eye(256) - 4.0 * s64 + 2.0 * s64 @ s64),
+        # the transposed form: Xᵀ·X of tall (k, m) operands, mapped and differentiated
+        (jax.vmap(lambda v: tfn(v, v))(xt), x64 @ t(x64)),
+        (jax.grad(tloss)(xt, w), t(x64) @ (w64 + t(w64))),
     ]
     for got, want in cases:
         assert got.shape == want.shape

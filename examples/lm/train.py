@@ -53,6 +53,11 @@ class Config:
     block_lr_ratio: float = 1.0  # a study knob: block_learning_rate = ratio × lr (1: none)
     full_strategy: str = "auto"  # how MuonBP orthogonalizes whole matrices on full steps
     diagnostics: bool = False  # True: the MuonBP family records optimizers.DIAGNOSTICS each step
+    # How a periodic MuonBP picks each step's kind: "host" compiles a block-step and a full-step
+    # program and passes `full_step=` from the host's step number (no conditional on the
+    # device; README, "Choosing the step kind on the host"); "cond": one program, a lax.cond on
+    # the optimizer's counter (the library's default when no `full_step` is given).
+    switch: str = "host"
     weight_decay: float = 0.0
     seed: int = 0
     data: str | None = None  # None: the Python standard library's sources
@@ -80,6 +85,8 @@ class Config:
         for name in (*positive.split(), "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.switch not in ("host", "cond"):
+            raise ValueError(f"--switch must be 'host' or 'cond', got {self.switch!r}")
         self.model.check(self.tp_blocks)
         if (self.d_model * self.model.mlp_ratio) % self.tp_blocks:
             raise ValueError(f"the MLP width is not divisible by --tp-blocks {self.tp_blocks}")
@@ -179,7 +186,8 @@ class _Checkpoints:
 
 def _check_same_config(saved: dict, config: Config) -> None:
     mine = dataclasses.asdict(config)
-    ignore = {"checkpoint_dir", "checkpoint_every", "eval_every"}
+    # Settings that change neither the trajectory nor the state may differ on a resume.
+    ignore = {"checkpoint_dir", "checkpoint_every", "eval_every", "switch"}
     diff = [
         f"{k}: saved {saved.get(k)!r}, now {mine[k]!r}"
         for k in mine
@@ -248,9 +256,14 @@ def diagnostic_names(opt_state: Any) -> list[str]:
     return names
 
 
-def compile_steps(run: Run, config: Config) -> tuple[Any, Any]:
-    """The training step (params, opt_state, x, y) -> (params, opt_state, scalars), compiled
-    ahead of time with donated state, and the evaluation loss (params, x, y) -> loss.
+def compile_steps(run: Run, config: Config) -> tuple[dict[str, Any], Any]:
+    """The training steps (params, opt_state, x, y) -> (params, opt_state, scalars), compiled
+    ahead of time with donated state, by step kind (`optimizers.step_kind`), and the
+    evaluation loss (params, x, y) -> loss.
+
+    A periodic MuonBP with `config.switch == "host"` gets two programs, "block" and "full",
+    each with its kind passed to the update as `full_step=` (no lax.cond); every other
+    optimizer (and `switch="cond"`) gets one program, under each kind it runs.
     `scalars` is one float32 vector: the loss, then the diagnostics in the order of
     `diagnostic_names(run.opt_state)`, so that the host reads them all in one transfer, from
     a buffer the next step does not donate."""
@@ -259,22 +272,33 @@ def compile_steps(run: Run, config: Config) -> tuple[Any, Any]:
     param_sh, opt_sh = _shardings(run.params), _shardings(run.opt_state)
     loss_fn = functools.partial(_loss, run.graphdef)
 
-    def step(params, opt_state, x, y):
+    def step(params, opt_state, x, y, full_step=None):
         loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-        updates, opt_state = run.tx.update(grads, opt_state, params)
+        extra = {} if full_step is None else {"full_step": full_step}
+        updates, opt_state = run.tx.update(grads, opt_state, params, **extra)
         diagnostics = read_diagnostics(opt_state).values()
         scalars = jnp.stack([v.astype(jnp.float32) for v in (loss, *diagnostics)])
         return optax.apply_updates(params, updates), opt_state, scalars
 
     tokens = jax.ShapeDtypeStruct((config.batch, config.seq), jnp.int32, sharding=batch)
-    step_fn = jax.jit(
-        step,
-        in_shardings=(param_sh, opt_sh, batch, batch),
-        out_shardings=(param_sh, opt_sh, replicated),
-        donate_argnums=(0, 1),
-    )
+
+    def compiled(full_step):
+        fn = jax.jit(
+            functools.partial(step, full_step=full_step),
+            in_shardings=(param_sh, opt_sh, batch, batch),
+            out_shardings=(param_sh, opt_sh, replicated),
+            donate_argnums=(0, 1),
+        )
+        return fn.lower(run.params, run.opt_state, tokens, tokens).compile()
+
+    kinds = {optimizers.step_kind(config.optimizer, config.period, t) for t in range(2 * config.period)}
+    if kinds == {"block", "full"} and config.switch == "host":
+        steps = {"block": compiled(False), "full": compiled(True)}
+    else:
+        one = compiled(None)
+        steps = dict.fromkeys(kinds, one)
     eval_fn = jax.jit(loss_fn, in_shardings=(param_sh, batch, batch), out_shardings=replicated)
-    return step_fn.lower(run.params, run.opt_state, tokens, tokens).compile(), eval_fn
+    return steps, eval_fn
 
 
 def train(
@@ -324,7 +348,7 @@ def train(
         params, opt_state, record = restored["params"], restored["opt_state"], saved
 
     began = time.perf_counter()
-    step_fn, eval_fn = compile_steps(run, config)
+    step_fns, eval_fn = compile_steps(run, config)
     diagnostics = diagnostic_names(run.opt_state)
     compile_s = time.perf_counter() - began
     to_device = lambda a: jax.device_put(a, NamedSharding(run.mesh, P(DATA, None)))
@@ -346,13 +370,13 @@ def train(
         x, y = map(
             to_device, data_lib.train_batch(corpus, config.seed, t, config.batch, config.seq)
         )
+        kind = optimizers.step_kind(config.optimizer, config.period, t)
         t0 = time.perf_counter()
-        params, opt_state, scalars = step_fn(params, opt_state, x, y)
+        params, opt_state, scalars = step_fns[kind](params, opt_state, x, y)
         # One step in flight at a time: also what keeps XLA:CPU collectives from deadlocking
         # with many fake devices on few cores (see tests/conftest.py).
         loss, *values = np.asarray(jax.device_get(scalars)).tolist()
         dt = time.perf_counter() - t0
-        kind = optimizers.step_kind(config.optimizer, config.period, t)
         # The first step a process runs also sets up thread pools and buffers: not timed.
         record["steps"].append(
             {"step": t + 1, "train_loss": loss, "time_s": dt, "kind": kind, "timed": t > start}
