@@ -405,9 +405,10 @@ def orthogonalize_many(matrices: Sequence[jax.Array], ns: NewtonSchulz) -> list[
     """Orthogonalizes a list of (batch, m, n) arrays, one batched iteration per matrix shape.
 
     Each array is prepared on its own (normalized, cast), so what is concatenated is already in
-    the iteration's dtype. An m×n and an n×m group are iterated apart, each as it is: measured
-    on one H200, transposing tall matrices to join their wide counterparts cost more than the
-    extra launches (benchmarks/RESULTS.md). The results come
+    the iteration's dtype. An m×n and an n×m group are iterated apart, each as it is, with no
+    transposed copy (on one H200 the kernel's Xᵀ·X of the tree's tall matrices took 1.09 ms
+    against 1.44 ms for a transposed copy and X·Xᵀ; whole updates measured the same either
+    way: benchmarks/RESULTS.md, "seventh pass"). The results come
     back in `ns.dtype` (bfloat16 by default; Gram results computed in float16 are rounded to
     it, so that every shape, and both kinds of MuonBP step, return one dtype; complex results
     stay in their complex iteration dtype): the caller casts
