@@ -198,6 +198,22 @@ def test_newton_schulz_on_hopper_forms_its_polynomials_in_the_kernel():
     assert counts["wgmma"][0] > 0 and counts["wgmma"][1] == 0
 
 
+def test_tall_matrices_are_iterated_without_a_transposed_copy():
+    # A tall X is iterated on XᵀX (the kernel's column panels) and X·Q: no transpose of X in
+    # the program, and the same number of kernel launches as for its wide transpose.
+    hopper = SimpleNamespace(platform="gpu", compute_capability="9.0", device_kind="H200")
+    ns = NewtonSchulz.create(device=hopper, dtype=jnp.float16)
+    texts = {
+        shape: _lowered(ns, jax.ShapeDtypeStruct(shape, jnp.float32)).as_text()
+        for shape in ((4, 2048, 512), (4, 512, 2048))
+    }
+    for shape, text in texts.items():
+        assert f"tensor<{shape[0]}x{shape[1]}x{shape[2]}xf16>" in text
+        assert not any("stablehlo.transpose" in line and "2048" in line for line in text.splitlines())
+    launches = [text.count("stablehlo.custom_call") for text in texts.values()]
+    assert launches[0] == launches[1] > 0
+
+
 def _dense_run(a, b, tiling, num_sms, poly, transposed):
     # A stand-in for the kernel, to check the rules around it on the CPU: float32 products.
     spec = "...ki,...kj->...ij" if transposed else "...ik,...jk->...ij"
