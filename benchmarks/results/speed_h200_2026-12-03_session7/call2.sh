@@ -1,5 +1,6 @@
 # device call 2 of the seventh pass, from the repository root, with the previous head's package
-# in _ab_head/ as in call 1.
+# in _ab_head/ as in call 1. (Both bench_period runs below hit their 170 s limit and printed
+# nothing.)
 # 1. The 100M training step (the example's flags), MuonBP with its kind picked on the host (the
 #    example's new default, --switch host) and by lax.cond (--switch cond), and AdamW.
 # 2. The period-5 loop on 16 layers (block step, full step, lax.cond, full_step=, a cond of the
