@@ -107,6 +107,16 @@ def bench_products(shapes, impls, iters: int) -> list[dict]:
     return rows
 
 
+def _error_row(dtype, label: str, sms, got: np.ndarray, want: np.ndarray) -> dict:
+    return {
+        "dtype": jnp.dtype(dtype).name,
+        "a·bᵀ": label,
+        "SMs": sms or "all",
+        "max|Δ| / max|ref|": float(np.abs(got - want).max() / np.abs(want).max()),
+        "max|out − outᵀ|": float(np.abs(got - np.swapaxes(got, -1, -2)).max()),
+    }
+
+
 def check_wgmma() -> list[dict]:
     """The Mosaic kernel against a float64 NumPy product: XXᵀ, and S·S² for a symmetric S (two
     commuting symmetric matrices, so a product known to be symmetric without a = b)."""
@@ -128,15 +138,8 @@ def check_wgmma() -> list[dict]:
                 got = np.asarray(jax.jit(fn)(a, b), np.float64)
                 a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
                 want = a64 @ np.swapaxes(b64, -1, -2)
-                rows.append(
-                    {
-                        "dtype": jnp.dtype(dtype).name,
-                        "a·bᵀ": f"{name} {batch}×{a.shape[-2]}×{a.shape[-1]}",
-                        "SMs": sms or "all",
-                        "max|Δ| / max|ref|": float(np.abs(got - want).max() / np.abs(want).max()),
-                        "max|out − outᵀ|": float(np.abs(got - np.swapaxes(got, -1, -2)).max()),
-                    }
-                )
+                label = f"{name} {batch}×{a.shape[-2]}×{a.shape[-1]}"
+                rows.append(_error_row(dtype, label, sms, got, want))
         # Xᵀ·X of tall X read as column panels (`transposed=True`): no transposed copy.
         for batch, k, m, sms in ((3, 512, 256, None), (2, 2048, 1024, 8), (2, 8192, 2048, None)):
             x = (jax.random.normal(jax.random.key(m * k), (batch, k, m)) / np.sqrt(k)).astype(dtype)
@@ -144,15 +147,7 @@ def check_wgmma() -> list[dict]:
             got = np.asarray(jax.jit(fn)(x, x), np.float64)
             x64 = np.asarray(x, np.float64)
             want = np.swapaxes(x64, -1, -2) @ x64
-            rows.append(
-                {
-                    "dtype": jnp.dtype(dtype).name,
-                    "a·bᵀ": f"XᵀX (tall) {batch}×{k}×{m}",
-                    "SMs": sms or "all",
-                    "max|Δ| / max|ref|": float(np.abs(got - want).max() / np.abs(want).max()),
-                    "max|out − outᵀ|": float(np.abs(got - np.swapaxes(got, -1, -2)).max()),
-                }
-            )
+            rows.append(_error_row(dtype, f"XᵀX (tall) {batch}×{k}×{m}", sms, got, want))
     print(_timing.table(rows, list(rows[0]), "wgmma kernel against float64"), flush=True)
     rows += check_wgmma_transforms()
     return rows
