@@ -200,7 +200,8 @@ def ns_hbm_bytes(rows: int, cols: int, steps: int = NS_STEPS, itemsize: int = 2)
 
 @dataclasses.dataclass(frozen=True)
 class Group:
-    """`count` same-shape (wide form) matrices orthogonalized in one batched call per device."""
+    """`count` same-shape matrices orthogonalized in one batched call per device (`short` ×
+    `long`: the shape in wide form; m×n and n×m matrices are separate calls)."""
 
     short: int
     long: int
@@ -227,12 +228,12 @@ class StepCost:
 
 
 def _grouped(shapes: Iterable[tuple[int, int, int]]) -> list[Group]:
-    """Groups (rows, cols, count) by wide shape, as muonbp_jax batches same-shape matrices."""
+    """Groups (rows, cols, count) by shape, as muonbp_jax batches same-shape matrices (an m×n
+    and an n×m are iterated apart, each as it is)."""
     counts: dict[tuple[int, int], int] = {}
     for rows, cols, count in shapes:
-        key = tuple(sorted((rows, cols)))
-        counts[key] = counts.get(key, 0) + count
-    return [Group(a, b, n) for (a, b), n in counts.items()]
+        counts[(rows, cols)] = counts.get((rows, cols), 0) + count
+    return [Group(*sorted(key), n) for key, n in counts.items()]
 
 
 @dataclasses.dataclass(frozen=True)

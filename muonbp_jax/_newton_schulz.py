@@ -128,8 +128,8 @@ def _gram(x: jax.Array, product: str) -> jax.Array:
 
 def _apply(q: jax.Array, x: jax.Array) -> jax.Array:
     """A polynomial Q of X's (smaller) Gram matrix applied on its side: Q·X for a wide X, X·Q
-    for a tall one. The iteration on a tall X is the transpose of the one on Xᴴ (Q is
-    Hermitian, its coefficients real), so tall matrices are iterated as they are, with no
+    for a tall one. The iteration on a tall X is the conjugate transpose of the one on Xᴴ (Q
+    is Hermitian, its coefficients real), so tall matrices are iterated as they are, with no
     transposed copy."""
     return x @ q if _is_tall(x) else q @ x
 
@@ -358,9 +358,9 @@ def orthogonalize(
     complex `dtype` names its precision: complex64 means float32 for real input.
 
     `method="gram"` computes the same polynomial of X (equal in exact arithmetic) by iterating
-    on the m×m Gram matrix XXᴴ (m ≤ n), with restarts: fewer FLOPs when n ≥ 2m (e.g. 60 vs 90
-    m³ for n = 4m, five steps); matrices where it would not save FLOPs use the plain
-    iteration. In half precision its iterations run in float16 even when `dtype` is bfloat16:
+    on the smaller Gram matrix (m×m XXᴴ for m ≤ n, n×n XᴴX for a tall x), with restarts:
+    fewer FLOPs when the long side is at least twice the short one (e.g. 60 vs 90 m³ for n =
+    4m, five steps); matrices where it would not save FLOPs use the plain iteration. In half precision its iterations run in float16 even when `dtype` is bfloat16:
     the Gram matrix squares the condition number, and bfloat16's 7-bit mantissa was measured to
     push singular values of heavy-tailed matrices up to ~2 (float16: within the plain
     iteration's band, at the same matmul speed on GPUs; on TPUs prefer the plain iteration).

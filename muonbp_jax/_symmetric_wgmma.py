@@ -244,7 +244,8 @@ def lower_tile_product(
     a, b of shape (..., k, m) (Xᵀ·X of a tall X without a transposed copy).
 
     Differentiable: Mosaic GPU kernels have no autodiff rule, so the derivative is given by
-    hand, da·bᵀ + a·dbᵀ as XLA matmuls (the tangent's terms are not symmetric on their own)."""
+    hand, da·bᵀ + a·dbᵀ (daᵀ·b + aᵀ·db when transposed) as XLA matmuls (the tangent's terms
+    are not symmetric on their own)."""
     return _differentiable(tiling, num_sms, None, bool(transposed), a, b)
 
 

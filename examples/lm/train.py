@@ -325,8 +325,8 @@ def train(
     Returns:
       A dict: "config", "lr", "final_train_loss" (mean of the last 10 steps),
       "final_val_loss", "tokens_per_s", "mean_step_ms", "mean_block_step_ms",
-      "mean_full_step_ms" (None where there is no such step; the first step of each process
-      is not timed), "compile_s", "steps" and "evals" (per-step and per-evaluation records;
+      "mean_full_step_ms" (None where there is no such step; the first run of each
+      compiled step program in a process is not timed), "compile_s", "steps" and "evals" (per-step and per-evaluation records;
       a MuonBP-family step's record also holds its diagnostics, `read_diagnostics`),
       "devices", "mesh".
     """
@@ -366,6 +366,7 @@ def train(
     end = config.steps if stop_at is None else min(stop_at, config.steps)
     tokens_per_step = config.batch * config.seq
     bar = _progress(config.optimizer, start, config.steps, enabled=progress and end > start)
+    ran: set[int] = set()  # the step programs run so far (by id)
     for t in range(start, end):
         x, y = map(
             to_device, data_lib.train_batch(corpus, config.seed, t, config.batch, config.seq)
@@ -377,9 +378,12 @@ def train(
         # with many fake devices on few cores (see tests/conftest.py).
         loss, *values = np.asarray(jax.device_get(scalars)).tolist()
         dt = time.perf_counter() - t0
-        # The first step a process runs also sets up thread pools and buffers: not timed.
+        # The first run of each compiled program in a process also sets up thread pools and
+        # buffers: not timed.
+        timed = id(step_fns[kind]) in ran
+        ran.add(id(step_fns[kind]))
         record["steps"].append(
-            {"step": t + 1, "train_loss": loss, "time_s": dt, "kind": kind, "timed": t > start}
+            {"step": t + 1, "train_loss": loss, "time_s": dt, "kind": kind, "timed": timed}
             | dict(zip(diagnostics, values, strict=True))
         )
         if (t + 1) % config.eval_every == 0 or t + 1 == config.steps:
