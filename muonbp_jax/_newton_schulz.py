@@ -17,9 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from muonbp_jax._symmetric import Product, column_gram, hermitian_product, resolve_product
+from muonbp_jax._symmetric import (
+    Product,
+    column_gram,
+    hermitian_product,
+    resolve_product,
+    square_polynomial,
+)
 from muonbp_jax._symmetric import gram as _row_gram
-from muonbp_jax._symmetric import square_polynomial
 
 Coeffs = str | Sequence[float] | Sequence[Sequence[float]] | np.ndarray | jax.Array
 Preconditioning = Literal["frobenius", "spectral", "aol", "schatten"]
@@ -227,14 +232,13 @@ def _precondition(x: jax.Array, preconditioning: str, eps: float) -> jax.Array:
         # Almost-orthogonal-layer rescaling (Boissin et al. 2025, arXiv 2512.04632): scale row i
         # by 1/sqrt(Σ_j |XXᴴ|_ij), which bounds the spectral norm by 1 (for a tall X, column i
         # by the same sums of XᴴX: the rescaling of the wide Xᴴ, transposed).
-        tall = x.shape[-2] > x.shape[-1]
-        gram = _adjoint(x) @ x if tall else x @ _adjoint(x)
-        sums = jnp.sum(jnp.abs(gram), axis=-2 if tall else -1, keepdims=True)  # |gram| symmetric
+        gram = _gram(x, "dense")
+        sums = jnp.sum(jnp.abs(gram), axis=-2 if _is_tall(x) else -1, keepdims=True)  # symmetric
         return x * jax.lax.rsqrt(jnp.maximum(sums, eps_gram))
     if preconditioning == "schatten":
         # Schatten-4 norm ‖XXᴴ‖_F^(1/2) ≥ ‖X‖₂ (Grishina et al. 2025, arXiv 2506.10935); ‖XᴴX‖_F
         # is the same norm, from the smaller Gram matrix of a tall X.
-        gram = _adjoint(x) @ x if x.shape[-2] > x.shape[-1] else x @ _adjoint(x)
+        gram = _gram(x, "dense")
         norm = jnp.sqrt(jnp.sum(_abs_square(gram), axis=(-2, -1), keepdims=True))
         return x * jax.lax.rsqrt(jnp.maximum(norm, eps_gram))
     raise ValueError(f"Unknown preconditioning {preconditioning!r}; use one of {PRECONDITIONINGS}.")
@@ -360,8 +364,9 @@ def orthogonalize(
     `method="gram"` computes the same polynomial of X (equal in exact arithmetic) by iterating
     on the smaller Gram matrix (m×m XXᴴ for m ≤ n, n×n XᴴX for a tall x), with restarts:
     fewer FLOPs when the long side is at least twice the short one (e.g. 60 vs 90 m³ for n =
-    4m, five steps); matrices where it would not save FLOPs use the plain iteration. In half precision its iterations run in float16 even when `dtype` is bfloat16:
-    the Gram matrix squares the condition number, and bfloat16's 7-bit mantissa was measured to
+    4m, five steps); matrices where it would not save FLOPs use the plain iteration. In half
+    precision its iterations run in float16 even when `dtype` is bfloat16: the Gram matrix
+    squares the condition number, and bfloat16's 7-bit mantissa was measured to
     push singular values of heavy-tailed matrices up to ~2 (float16: within the plain
     iteration's band, at the same matmul speed on GPUs; on TPUs prefer the plain iteration).
 

@@ -11,8 +11,8 @@ the upper one is its mirror. `gram(x) = X·Xᴴ`, `column_gram(x) = Xᴴ·X` (fo
   product for t tiles per side. Real float16/bfloat16/float32 only.
 * `"wgmma"`: a Mosaic GPU kernel for Hopper (sm_90: TMA, warp-specialized pipeline, wgmma),
   the same lower tiles and mirror (`_symmetric_wgmma`), for X·Xᴴ and Xᴴ·X only (see
-  `hermitian_product`, `column_gram`), with Newton–Schulz's polynomial α·I + β·R + γ·R² formed in the
-  kernel (`square_polynomial`). Real float16/bfloat16 only. `"wgmma-unfused"`: the same
+  `hermitian_product`, `column_gram`), with Newton–Schulz's polynomial α·I + β·R + γ·R²
+  formed in the kernel (`square_polynomial`). Real float16/bfloat16 only. `"wgmma-unfused"`: the same
   kernel for X·Xᴴ, the polynomial as an XLA pass (kept for measurement).
 * `"panels:K"`: K lower block panels as XLA matmuls, then the mirror assembled:
   (K+1)/(2K) of the FLOPs, any backend.

@@ -131,7 +131,10 @@ def _kernel(
             )
         else:  # tile×k row panels of (m, k) operands
             spec = plgpu.BlockSpec(
-                (tile, tile_k), lambda s: (0, s), transforms=swizzled(tile_k), memory_space=plgpu.SMEM
+                (tile, tile_k),
+                lambda s: (0, s),
+                transforms=swizzled(tile_k),
+                memory_space=plgpu.SMEM,
             )
         return plgpu.emit_pipeline_warp_specialized(
             body,

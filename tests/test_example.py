@@ -208,7 +208,9 @@ def test_the_host_switch_trains_like_the_conditional(small_corpus):
     host, cond = runs["host"], runs["cond"]
     assert [s["kind"] for s in host["steps"]] == ["full", "block", "full", "block"]
     np.testing.assert_allclose(
-        [s["train_loss"] for s in host["steps"]], [s["train_loss"] for s in cond["steps"]], rtol=1e-5
+        [s["train_loss"] for s in host["steps"]],
+        [s["train_loss"] for s in cond["steps"]],
+        rtol=1e-5,
     )
     for x, y in zip(jax.tree.leaves(host["params"]), jax.tree.leaves(cond["params"])):
         x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
@@ -224,7 +226,9 @@ def test_the_host_switch_trains_like_the_conditional(small_corpus):
         np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max()
         for a, b in zip(jax.tree.leaves(first["params"]), jax.tree.leaves(host["params"]))
     ]
-    assert max(moved) > 1e-2 * max(np.abs(np.asarray(y)).max() for y in jax.tree.leaves(cond["params"]))
+    assert max(moved) > 1e-2 * max(
+        np.abs(np.asarray(y)).max() for y in jax.tree.leaves(cond["params"])
+    )
 
 
 @pytest.mark.parametrize(

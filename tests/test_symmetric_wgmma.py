@@ -209,7 +209,9 @@ def test_tall_matrices_are_iterated_without_a_transposed_copy():
     }
     for shape, text in texts.items():
         assert f"tensor<{shape[0]}x{shape[1]}x{shape[2]}xf16>" in text
-        assert not any("stablehlo.transpose" in line and "2048" in line for line in text.splitlines())
+        assert not any(
+            "stablehlo.transpose" in line and "2048" in line for line in text.splitlines()
+        )
     launches = [text.count("stablehlo.custom_call") for text in texts.values()]
     assert launches[0] == launches[1] > 0
 

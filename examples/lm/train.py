@@ -291,7 +291,9 @@ def compile_steps(run: Run, config: Config) -> tuple[dict[str, Any], Any]:
         )
         return fn.lower(run.params, run.opt_state, tokens, tokens).compile()
 
-    kinds = {optimizers.step_kind(config.optimizer, config.period, t) for t in range(2 * config.period)}
+    kinds = {
+        optimizers.step_kind(config.optimizer, config.period, t) for t in range(2 * config.period)
+    }
     if kinds == {"block", "full"} and config.switch == "host":
         steps = {"block": compiled(False), "full": compiled(True)}
     else:
@@ -326,8 +328,9 @@ def train(
       A dict: "config", "lr", "final_train_loss" (mean of the last 10 steps),
       "final_val_loss", "tokens_per_s", "mean_step_ms", "mean_block_step_ms",
       "mean_full_step_ms" (None where there is no such step; the first run of each
-      compiled step program in a process is not timed), "compile_s", "steps" and "evals" (per-step and per-evaluation records;
-      a MuonBP-family step's record also holds its diagnostics, `read_diagnostics`),
+      compiled step program in a process is not timed), "compile_s", "steps" and "evals"
+      (per-step and per-evaluation records; a MuonBP-family step's record also holds its
+      diagnostics, `read_diagnostics`),
       "devices", "mesh".
     """
     corpus = corpus if corpus is not None else data_lib.load_corpus(config.data)
