@@ -90,7 +90,9 @@ def main(argv=None):
             rows[-1]["donated ms"] = donated_ms(tx.update, grads, state, params, args.iters)
         print(_timing.table(rows[-1:], list(rows[-1])), flush=True)
         del state, step
+    # Which copy of the package ran: A/B variants are copies put first on PYTHONPATH.
     print(_timing.table(rows, list(rows[0]), f"{_timing.environment()} {args.label}"))
+    print(f"muonbp_jax from {Path(bench_step.muonbp_jax.__file__).parent}")
 
 
 if __name__ == "__main__":

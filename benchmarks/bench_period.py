@@ -42,6 +42,16 @@ def loop_times(step, state, params, grads, updates: int) -> list[float]:
     return times
 
 
+def _progress(name: str, times: list[float], period: int) -> None:
+    """Each loop's figures as soon as they exist: a run cut short still reports them."""
+    rest = times[period:]
+    print(
+        f"{name}: mean {statistics.mean(rest):.2f} ms, median {statistics.median(rest):.2f} ms "
+        f"over {len(rest)} updates after the first period",
+        flush=True,
+    )
+
+
 def measure(
     small: bool = False,
     period: int = 5,
@@ -82,6 +92,7 @@ def measure(
             text = step.lower(grads, state, params).compile().as_text()
             Path(hlo_dir, f"period{p}_update.hlo.txt").write_text(text)
         runs[name] = loop_times(step, state, params, grads, n)
+        _progress(name, runs[name], p)
         if kind is None:
             block_tx, state0 = tx, state
         if name == f"P={p}":
@@ -96,6 +107,7 @@ def measure(
         jax.block_until_ready(out)
         times.append(1e3 * (time.perf_counter() - start))
     runs["host switch"] = times
+    _progress("host switch", times, p)
     same = lambda g, s, q, pred: jax.lax.cond(pred, block_tx.update, block_tx.update, g, s, q)
     wrapped = jax.jit(same)
     flips = itertools.cycle([True, False])  # a traced predicate that takes both branches

@@ -36,7 +36,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# Appended, not prepended: a copy of the package earlier on PYTHONPATH (an A/B variant) must
+# be the one imported, by this script and by every benchmark that imports it.
+if str(Path(__file__).resolve().parent.parent) not in sys.path:
+    sys.path.append(str(Path(__file__).resolve().parent.parent))
 
 import muonbp_jax
 from benchmarks import _timing

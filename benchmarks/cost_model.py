@@ -37,7 +37,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT))  # after PYTHONPATH: an A/B copy of the package there wins
 
 FULL_STRATEGIES = ("gather", "all_to_all", "auto")
 MESH_AXES = ("dp", "fsdp", "tp")

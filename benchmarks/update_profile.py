@@ -9,7 +9,8 @@ Updates: `muonbp(period=1)` and `muonbp(period=None, block_grid=(1, 8))` at the 
 the elementwise yardstick of bench_step (momentum SGD + AdamW from optax), 3 traced updates
 each after warm-up (`--runs` picks others of bench_step's updates); the figures are of the
 median one. Idle device time (wall time less the union of the kernels' intervals) is split
-into the gaps between kernels and the time before the first kernel and after the last; `--top N` also lists the N longest kernels and gaps.
+into the gaps between kernels and the time before the first kernel and after the last; `--top N` also lists the N longest kernels and gaps; `--hlo DIR` writes each update's
+compiled HLO, whose fusion names are the kernels' names.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
+import gzip
 import re
 import sys
 import tempfile
@@ -80,6 +82,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default=None)
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--runs", default=";".join((*RUNS, FLOOR)), help="';'-separated")
+    parser.add_argument(
+        "--hlo", default=None, help="folder: write each update's compiled HLO there (gzip)"
+    )
     args = parser.parse_args(argv)
     model = bench_step.SMALL if args.small else bench_step.FULL
     params = bench_step.random_tree(model, seed=0, scale=0.02)
@@ -89,6 +94,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in args.runs.split(";"):
         tx = runs[name].make()
         state, step = jax.jit(tx.init)(params), jax.jit(tx.update)
+        if args.hlo:
+            Path(args.hlo).mkdir(parents=True, exist_ok=True)
+            text = step.lower(grads, state, params).compile().as_text()
+            slug = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")[:60]
+            with gzip.open(Path(args.hlo) / f"{slug}.hlo.txt.gz", "wt") as f:
+                f.write(text)
         for _ in range(3):
             out, state = step(grads, state, params)
         jax.block_until_ready(out)

@@ -125,3 +125,48 @@ def test_frobenius_normalization_at_any_scale(scale):
     got = np.asarray(got, np.float64)
     norm = np.sqrt(np.square(v.astype(np.float64)).sum(axis=(-2, -1), keepdims=True))
     assert ref.relative_error(got, v / (norm + 1e-8)) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "magnitudes",
+    [(1e30, 1.0, 1e-30), (1e-12, 9e-13, 9e-13), (1e-20, 1e-30, 1e-35), (3e38, 1e20, 1e-3)],
+    ids=["big-mid-small", "small-dominates-mid", "all-small", "near-max"],
+)
+@pytest.mark.parametrize("dtype", [np.float32, np.complex64])
+def test_frobenius_normalization_of_mixed_magnitudes(magnitudes, dtype):
+    """Entries of very different sizes in one matrix: the norm's three partial sums (large,
+    medium, small entries) combine as float64 says, whichever dominates."""
+    from muonbp_jax._newton_schulz import _precondition
+
+    x = RNG.standard_normal((2, 16, 40))
+    if dtype == np.complex64:
+        x = x + 1j * RNG.standard_normal(x.shape)
+    x /= np.abs(x).max()
+    # One entry per matrix at the first magnitude, the rest split between the other two.
+    scale = np.where(RNG.random(x.shape) < 0.5, magnitudes[1], magnitudes[2])
+    scale[:, 0, 0] = magnitudes[0]
+    v = (x * scale).astype(dtype)
+    got = np.asarray(_precondition(jnp.asarray(v), "frobenius", 1e-8), np.complex128)
+    w = v.astype(np.complex128)
+    norm = np.sqrt(np.square(np.abs(w)).sum(axis=(-2, -1), keepdims=True))
+    assert np.isfinite(got).all()
+    want = w / (norm + 1e-8)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+
+
+def test_same_shape_matrices_are_stacked_in_place_and_kept_apart():
+    """orthogonalize_many batches same-shape arrays into one iteration by writing each into its
+    slice of one buffer (no concatenate in the program), and every result matches the array
+    orthogonalized on its own (float64 Newton–Schulz)."""
+    from muonbp_jax._newton_schulz import NewtonSchulz, orthogonalize_many
+
+    ns = NewtonSchulz.create(dtype=jnp.float32, method="newton_schulz")  # Polar Express
+    xs = [RNG.standard_normal((b, 8, 24)).astype(np.float32) for b in (2, 1, 3)]
+    xs.append(RNG.standard_normal((2, 24, 8)).astype(np.float32))  # a group of its own
+    run = jax.jit(lambda ms: orthogonalize_many(ms, ns))
+    text = run.lower([jnp.asarray(x) for x in xs]).as_text()
+    assert "concatenate" not in text and "dynamic_update_slice" in text
+    for x, got in zip(xs, run([jnp.asarray(x) for x in xs])):
+        assert got.shape == x.shape
+        for g, m in zip(np.asarray(got), x):
+            assert ref.relative_error(g, ref.newton_schulz(m)) < 1e-4
