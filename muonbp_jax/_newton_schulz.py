@@ -448,13 +448,15 @@ def _stack(parts: Sequence[jax.Array]) -> jax.Array:
     buffer (`dynamic_update_slice`, in place) rather than joined by `jnp.concatenate`.
 
     XLA fuses each part's normalization and cast into its write either way; on one H200 the
-    fused concatenation ran at about 1.3 TB/s (5.1 ms of the 1.2 B tree's update), the in-place
-    writes made updates 1.3 to 2.7 ms faster (benchmarks/RESULTS.md, "eighth pass").
-    """
+    fused concatenation ran at about 1.3 TB/s (5.1 ms of the 1.2 B tree's update); the in-place
+    writes made a P=1 update about 2.5 ms and a block step about 1.5 ms faster
+    (benchmarks/RESULTS.md, "eighth pass")."""
     if len(parts) == 1:
         return parts[0]
     total = sum(p.shape[0] for p in parts)
-    out = jnp.zeros((total, *parts[0].shape[1:]), parts[0].dtype)
+    # Every element is written below: no need to fill the buffer first (jnp.empty allocates
+    # without filling from jax 0.11 where the backend can, GPUs and TPUs; zeros before).
+    out = jnp.empty((total, *parts[0].shape[1:]), parts[0].dtype)
     offset = 0
     for p in parts:
         out = jax.lax.dynamic_update_slice_in_dim(out, p, offset, axis=0)
@@ -468,9 +470,8 @@ def orthogonalize_many(matrices: Sequence[jax.Array], ns: NewtonSchulz) -> list[
     Each array is prepared on its own (normalized, cast), so what is stacked is already in
     the iteration's dtype. An m×n and an n×m group are iterated apart, each as it is, with no
     transposed copy (on one H200 the kernel's Xᵀ·X of the tree's tall matrices took 1.09 ms
-    against 1.44 ms for a transposed copy and X·Xᵀ; whole updates measured the same either
-    way: benchmarks/RESULTS.md, "seventh pass"). The results come
-    back in `ns.dtype` (bfloat16 by default; Gram results computed in float16 are rounded to
+    against 1.44 ms for a transposed copy and X·Xᵀ: benchmarks/RESULTS.md, "seventh pass").
+    The results come back in `ns.dtype` (bfloat16 by default; Gram results computed in float16 are rounded to
     it, so that every shape, and both kinds of MuonBP step, return one dtype; complex results
     stay in their complex iteration dtype): the caller casts
     further where the cast can fuse with what follows.
