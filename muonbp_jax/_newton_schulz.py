@@ -232,11 +232,15 @@ def _frobenius_normalize(x: jax.Array, eps: float) -> jax.Array:
     s_big = sum_sq(big, 2.0**-_BLUE_SCALE)
     s_mid = sum_sq(~(big | small), 1.0)  # NaN entries land here and make the norm NaN
     s_small = sum_sq(small, 2.0**_BLUE_SCALE)
+    # Roots of sums that may be 0 (unused cases) are taken of at least float32's smallest
+    # normal, whose root's square underflows to 0 in `down`: the values are the same, and the
+    # derivative of an unused case is finite (0·inf would make the gradient NaN).
+    root = lambda s: jnp.sqrt(jnp.maximum(s, np.finfo(np.float32).tiny))
     # A sum moved one domain down: its root times 2^-80, squared (2^-160 itself is no float32).
-    down = lambda s: jnp.square(jnp.sqrt(s) * 2.0**-_BLUE_SCALE)
-    r_big = jnp.sqrt(s_big + down(s_mid))
-    r_mid = jnp.sqrt(s_mid + down(s_small))
-    r_small = jnp.sqrt(s_small)
+    down = lambda s: jnp.square(root(s) * 2.0**-_BLUE_SCALE)
+    r_big = root(s_big + down(s_mid))
+    r_mid = root(s_mid + down(s_small))
+    r_small = root(s_small)
     in_big, in_mid = s_big > 0, s_mid > 0
     r = jnp.where(in_big, r_big, jnp.where(in_mid, r_mid, r_small))
     shift = jnp.where(in_big, 2.0**-_BLUE_SCALE, jnp.where(in_mid, 1.0, 2.0**_BLUE_SCALE))

@@ -154,6 +154,24 @@ def test_frobenius_normalization_of_mixed_magnitudes(magnitudes, dtype):
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
 
 
+def test_frobenius_normalization_has_the_plain_formulas_gradient():
+    """The one-pass norm differentiates like x / (‖x‖_F + eps) written out directly, zero
+    matrices included (where the unused magnitude cases must not turn the gradient NaN)."""
+    from muonbp_jax._newton_schulz import _precondition
+
+    x = RNG.standard_normal((3, 8, 16)).astype(np.float32)
+    x[1] *= 1e-30  # all entries in the small case
+    x[2] = 0.0
+    w = jnp.asarray(RNG.standard_normal(x.shape), jnp.float32)
+    plain = lambda v: v / (jnp.sqrt(jnp.sum(v * v, axis=(-2, -1), keepdims=True)) + 1e-8)
+    got = jax.grad(lambda v: jnp.sum(w * _precondition(v, "frobenius", 1e-8)))(jnp.asarray(x))
+    want = jax.grad(lambda v: jnp.sum(w[:1] * plain(v)))(jnp.asarray(x[:1]))
+    assert np.isfinite(np.asarray(got)).all()
+    np.testing.assert_allclose(np.asarray(got[:1]), np.asarray(want), rtol=1e-4, atol=1e-6)
+    # A zero matrix: d(x / eps)/dx = 1/eps.
+    np.testing.assert_allclose(np.asarray(got[2]), np.asarray(w[2]) / 1e-8, rtol=1e-5)
+
+
 def test_same_shape_matrices_are_stacked_in_place_and_kept_apart():
     """orthogonalize_many batches same-shape arrays into one iteration by writing each into its
     slice of one buffer (no concatenate in the program), and every result matches the array
