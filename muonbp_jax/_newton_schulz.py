@@ -211,7 +211,8 @@ def _gram_newton_schulz(x: jax.Array, schedule: np.ndarray, product: str = "dens
 # program to find the Euclidean norm of a vector", ACM TOMS 4(1), 1978): squares of float32
 # overflow above ~1.8e19 and underflow below ~1e-19, so each |x|² is added to one of three sums
 # by magnitude, |x| scaled by 2^∓80 outside [2^-40, 2^40]. With these bounds no sum of up to
-# 2^31 elements overflows, and what underflows is below 2^-69 of the sum it is dropped from.
+# 2^31 finite elements overflows, and a sum that underflows when moved into a larger one's
+# domain is below 2^-46 of that sum (float32 rounding is 2^-24).
 _BLUE_BIG, _BLUE_SMALL, _BLUE_SCALE = 2.0**40, 2.0**-40, 80
 
 
@@ -220,31 +221,36 @@ def _frobenius_normalize(x: jax.Array, eps: float) -> jax.Array:
 
     The result is formed in the scaled domain: with ‖X‖_F = r·2^e (e ∈ {80, 0, -80}, from the
     largest nonzero sum), x / (‖X‖_F + eps) = (x·2^-e) · 1/(r + eps·2^-e), every factor a
-    normal float32 (a 1e38 gradient gives a unit-norm matrix, not inf/inf).
+    normal float32 (a 1e38 gradient gives a unit-norm matrix, not inf/inf). A NaN or inf entry
+    makes its whole matrix NaN (and no other matrix of the batch).
     """
     a = jnp.abs(x)  # |x|, real also for complex x
     axes = (-2, -1)
 
     def sum_sq(mask, scale):
-        return jnp.sum(jnp.where(mask, jnp.square(a * scale), 0.0), axis=axes, keepdims=True)
+        # Masked before scaling: a large entry scaled up for the small sum would overflow, and
+        # its unused inf would make the gradient NaN (0·inf).
+        return jnp.sum(jnp.square(jnp.where(mask, a, 0.0) * scale), axis=axes, keepdims=True)
 
     big, small = a > _BLUE_BIG, a < _BLUE_SMALL
-    s_big = sum_sq(big, 2.0**-_BLUE_SCALE)
-    s_mid = sum_sq(~(big | small), 1.0)  # NaN entries land here and make the norm NaN
+    s_big = sum_sq(big, 2.0**-_BLUE_SCALE)  # an inf entry makes this inf
+    s_mid = sum_sq(~(big | small), 1.0)  # NaN entries land here and make it NaN
     s_small = sum_sq(small, 2.0**_BLUE_SCALE)
-    # Roots of sums that may be 0 (unused cases) are taken of at least float32's smallest
-    # normal, whose root's square underflows to 0 in `down`: the values are the same, and the
-    # derivative of an unused case is finite (0·inf would make the gradient NaN).
-    root = lambda s: jnp.sqrt(jnp.maximum(s, np.finfo(np.float32).tiny))
+    # Roots of sums that may be 0 (unused cases) are taken of at least the smallest normal,
+    # whose root's square underflows to 0 in `down`: the values are the same, and the derivative
+    # of an unused case stays finite (an infinite one would make the gradient NaN: 0·inf).
+    tiny = jnp.finfo(a.dtype).tiny
+    root = lambda s: jnp.sqrt(jnp.maximum(s, tiny))
     # A sum moved one domain down: its root times 2^-80, squared (2^-160 itself is no float32).
     down = lambda s: jnp.square(root(s) * 2.0**-_BLUE_SCALE)
     r_big = root(s_big + down(s_mid))
     r_mid = root(s_mid + down(s_small))
     r_small = root(s_small)
-    in_big, in_mid = s_big > 0, s_mid > 0
+    in_big, in_mid = s_big != 0, s_mid != 0  # a NaN sum counts as nonzero: its case is chosen
     r = jnp.where(in_big, r_big, jnp.where(in_mid, r_mid, r_small))
+    r = jnp.where(jnp.isinf(r), jnp.nan, r)  # only an inf entry makes a sum inf
     shift = jnp.where(in_big, 2.0**-_BLUE_SCALE, jnp.where(in_mid, 1.0, 2.0**_BLUE_SCALE))
-    # Zero matrices give r = 0 and map to zero; a NaN anywhere makes the matrix NaN.
+    # Zero matrices map to zero (r is sqrt(tiny), far below eps).
     return (x * shift) * (1.0 / (r + eps * shift))
 
 

@@ -159,17 +159,36 @@ def test_frobenius_normalization_has_the_plain_formulas_gradient():
     matrices included (where the unused magnitude cases must not turn the gradient NaN)."""
     from muonbp_jax._newton_schulz import _precondition
 
-    x = RNG.standard_normal((3, 8, 16)).astype(np.float32)
+    x = RNG.standard_normal((5, 8, 16)).astype(np.float32)
     x[1] *= 1e-30  # all entries in the small case
     x[2] = 0.0
+    x[3] *= 1e20  # all in the large case: scaled up for the small sum they would overflow
+    x[4, 0, 0] = 3e38  # one huge entry among unit ones
     w = jnp.asarray(RNG.standard_normal(x.shape), jnp.float32)
     plain = lambda v: v / (jnp.sqrt(jnp.sum(v * v, axis=(-2, -1), keepdims=True)) + 1e-8)
     got = jax.grad(lambda v: jnp.sum(w * _precondition(v, "frobenius", 1e-8)))(jnp.asarray(x))
     want = jax.grad(lambda v: jnp.sum(w[:1] * plain(v)))(jnp.asarray(x[:1]))
     assert np.isfinite(np.asarray(got)).all()
     np.testing.assert_allclose(np.asarray(got[:1]), np.asarray(want), rtol=1e-4, atol=1e-6)
+    # At 1e20 the plain formula's squares overflow; scaled by 1e-20 it is exact, and the
+    # derivative of a scale-free map scales by 1e-20.
+    want3 = jax.grad(lambda v: jnp.sum(w[3:4] * plain(v)))(jnp.asarray(x[3:4] * 1e-20))
+    np.testing.assert_allclose(np.asarray(got[3:4]) * 1e20, np.asarray(want3), rtol=1e-4, atol=1e-6)
     # A zero matrix: d(x / eps)/dx = 1/eps.
     np.testing.assert_allclose(np.asarray(got[2]), np.asarray(w[2]) / 1e-8, rtol=1e-5)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_frobenius_normalization_makes_a_non_finite_matrix_nan(value):
+    """A NaN or inf entry turns its whole matrix NaN, whatever the others' magnitudes (here
+    all small: NaN must not fall through to the small-entry case), and no other matrix."""
+    from muonbp_jax._newton_schulz import _precondition
+
+    x = (RNG.standard_normal((3, 8, 16)) * 1e-20).astype(np.float32)
+    x[0, 2, 3] = value
+    got = np.asarray(_precondition(jnp.asarray(x), "frobenius", 1e-8))
+    assert np.isnan(got[0]).all()
+    assert np.isfinite(got[1:]).all()
 
 
 def test_same_shape_matrices_are_stacked_in_place_and_kept_apart():
