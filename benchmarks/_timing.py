@@ -30,12 +30,16 @@ def median_ms(fn: Callable[..., Any], *args: Any, iters: int = 20, warmup: int =
 def environment() -> dict[str, Any]:
     import optax
 
+    import muonbp_jax
+
     device = jax.devices()[0]
     return {
         "device": f"{jax.device_count()} x {device.device_kind} ({device.platform})",
         "jax": jax.__version__,
         "optax": optax.__version__,
         "date": datetime.date.today().isoformat(),
+        # Which copy of the package ran (an A/B puts a copy first on PYTHONPATH).
+        "muonbp_jax": str(Path(muonbp_jax.__file__).resolve().parent),
     }
 
 

@@ -68,6 +68,9 @@ def main(argv=None):
     parser.add_argument("--small", action="store_true", help="tiny tree (a CPU try-out)")
     parser.add_argument("--donate", action="store_true", help="also time donated calls")
     args = parser.parse_args(argv)
+    # Which copy of the package runs: A/B variants are copies put first on PYTHONPATH (printed
+    # first, so that a run cut short still says it).
+    print(f"muonbp_jax from {Path(bench_step.muonbp_jax.__file__).parent}", flush=True)
     model = bench_step.SMALL if args.small else bench_step.FULL
     params = bench_step.random_tree(model, seed=0, scale=0.02)
     grads = bench_step.random_tree(model, seed=1, scale=1e-3)
@@ -90,9 +93,7 @@ def main(argv=None):
             rows[-1]["donated ms"] = donated_ms(tx.update, grads, state, params, args.iters)
         print(_timing.table(rows[-1:], list(rows[-1])), flush=True)
         del state, step
-    # Which copy of the package ran: A/B variants are copies put first on PYTHONPATH.
     print(_timing.table(rows, list(rows[0]), f"{_timing.environment()} {args.label}"))
-    print(f"muonbp_jax from {Path(bench_step.muonbp_jax.__file__).parent}")
 
 
 if __name__ == "__main__":

@@ -459,13 +459,13 @@ def _stack(parts: Sequence[jax.Array]) -> jax.Array:
 
     XLA fuses each part's normalization and cast into its write either way; on one H200 the
     fused concatenation ran at about 1.3 TB/s (5.1 ms of the 1.2 B tree's update); the in-place
-    writes made a P=1 update about 2.5 ms and a block step about 1.5 ms faster
-    (benchmarks/RESULTS.md, "eighth pass")."""
+    writes made a P=1 update 2.3–2.7 ms faster than the previous code (two interleaved
+    rounds) and a block step 1.1–1.6 ms (one round; benchmarks/RESULTS.md, "eighth pass")."""
     if len(parts) == 1:
         return parts[0]
     total = sum(p.shape[0] for p in parts)
-    # Every element is written below: no need to fill the buffer first (jnp.empty allocates
-    # without filling from jax 0.11 where the backend can, GPUs and TPUs; zeros before).
+    # Every element is written below: no need to fill the buffer first (jnp.empty is documented
+    # as uninitialized from jax 0.11 on platforms that support it; zeros before).
     out = jnp.empty((total, *parts[0].shape[1:]), parts[0].dtype)
     offset = 0
     for p in parts:
