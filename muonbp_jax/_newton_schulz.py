@@ -228,9 +228,15 @@ def _frobenius_normalize(x: jax.Array, eps: float) -> jax.Array:
     axes = (-2, -1)
 
     def sum_sq(mask, scale):
-        # Masked before scaling: a large entry scaled up for the small sum would overflow, and
-        # its unused inf would make the gradient NaN (0·inf).
-        return jnp.sum(jnp.square(jnp.where(mask, a, 0.0) * scale), axis=axes, keepdims=True)
+        # Masked before scaling too: a large entry scaled up for the small sum would overflow,
+        # and its unused inf would make the gradient NaN (0·inf). (The outer mask keeps the
+        # reduction's form; with the inner one alone, CPU programs that differ elsewhere, such
+        # as optax.inject_hyperparams' and the plain optimizer's, rounded the sum apart.)
+        return jnp.sum(
+            jnp.where(mask, jnp.square(jnp.where(mask, a, 0.0) * scale), 0.0),
+            axis=axes,
+            keepdims=True,
+        )
 
     big, small = a > _BLUE_BIG, a < _BLUE_SMALL
     s_big = sum_sq(big, 2.0**-_BLUE_SCALE)  # an inf entry makes this inf
