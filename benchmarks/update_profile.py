@@ -9,8 +9,9 @@ Updates: `muonbp(period=1)` and `muonbp(period=None, block_grid=(1, 8))` at the 
 the elementwise yardstick of bench_step (momentum SGD + AdamW from optax), 3 traced updates
 each after warm-up (`--runs` picks others of bench_step's updates); the figures are of the
 median one. Idle device time (wall time less the union of the kernels' intervals) is split
-into the gaps between kernels and the time before the first kernel and after the last; `--top N` also lists the N longest kernels and gaps; `--hlo DIR` writes each update's
-compiled HLO, whose fusion names are the kernels' names.
+into the gaps between kernels and the time before the first kernel and after the last.
+`--top N` also lists the N longest kernels and gaps; `--hlo DIR` writes each update's compiled
+HLO, whose fusion names are the kernels' names.
 """
 
 from __future__ import annotations

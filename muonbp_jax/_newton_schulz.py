@@ -261,7 +261,7 @@ def _frobenius_normalize(x: jax.Array, eps: float) -> jax.Array:
 
 
 def _precondition(x: jax.Array, preconditioning: str, eps: float) -> jax.Array:
-    """Scales x (float32, or complex64 for complex x) so that its spectral norm is at most 1.
+    """Scales x (float32, or complex for complex x) so that its spectral norm is at most 1.
 
     For complex x every norm is real-valued: max|x|, ‖X‖_F² = Σ|x|², ‖X‖₂, and the Gram forms
     use XXᴴ (Hermitian).
@@ -487,10 +487,10 @@ def orthogonalize_many(matrices: Sequence[jax.Array], ns: NewtonSchulz) -> list[
     the iteration's dtype. An m×n and an n×m group are iterated apart, each as it is, with no
     transposed copy (on one H200 the kernel's Xᵀ·X of the tree's tall matrices took 1.09 ms
     against 1.44 ms for a transposed copy and X·Xᵀ: benchmarks/RESULTS.md, "seventh pass").
-    The results come back in `ns.dtype` (bfloat16 by default; Gram results computed in float16 are rounded to
-    it, so that every shape, and both kinds of MuonBP step, return one dtype; complex results
-    stay in their complex iteration dtype): the caller casts
-    further where the cast can fuse with what follows.
+    The results come back in `ns.dtype` (bfloat16 by default; Gram results computed in float16
+    are rounded to it, so that every shape, and both kinds of MuonBP step, return one dtype;
+    complex results stay in their complex iteration dtype): the caller casts further where the
+    cast can fuse with what follows.
     """
     prepared = [ns.prepare(m) for m in matrices]
     groups: dict[tuple[int, int, jnp.dtype], list[int]] = {}
